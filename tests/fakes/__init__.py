@@ -1,0 +1,1 @@
+"""Fake services (an OpenAI-compatible vLLM stand-in) shared by the tests."""

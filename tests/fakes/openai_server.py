@@ -1,0 +1,221 @@
+"""A small fake OpenAI-compatible server that streams exactly like vLLM, for tests.
+
+Serves ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models`` on 127.0.0.1 (port 0 by
+default). Streaming responses follow vLLM's wire format: ``data: {json}\\n\\n`` chunks carrying
+``choices[0].text`` (completions) or ``choices[0].delta.content`` (chat, after a role-only first
+chunk), a final usage chunk with empty ``choices`` when ``stream_options.include_usage`` is set,
+then ``data: [DONE]``.
+
+Latency, the number of generated tokens and failures are configurable through
+``FakeServerConfig``; ``fault_for`` picks a ``Fault`` per request from its JSON body, so a test
+can make some requests fail and others succeed in one run. Every request body is recorded in
+``FakeOpenAIServer.requests`` for assertions.
+
+Use ``async with FakeOpenAIServer(config) as server:`` inside a running loop, or
+``with serve_in_thread(config) as server:`` from synchronous code (e.g. to test a CLI that calls
+``asyncio.run`` itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+FAULT_KINDS = ("status", "hang", "stream_error", "disconnect")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What goes wrong with one request.
+
+    ``status``: reply ``status_code`` with a JSON error body; ``hang``: never answer (until the
+    server stops); ``stream_error``: send ``after_tokens`` tokens then a vLLM error event;
+    ``disconnect``: send ``after_tokens`` tokens then drop the connection without ``[DONE]``.
+    """
+
+    kind: str
+    status_code: int = 500
+    after_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {FAULT_KINDS}, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class FakeServerConfig:
+    model: str = "fake-model"
+    first_token_delay_s: float = 0.0
+    inter_token_delay_s: float = 0.0
+    # None: generate exactly max_tokens (like ignore_eos); an int caps it (like an early EOS).
+    max_generated_tokens: int | None = None
+    prompt_tokens: int = 1  # reported in usage when the prompt is text (no tokenizer here)
+    fault_for: Callable[[dict[str, Any]], Fault | None] | None = None
+
+
+def fault_by_max_tokens(faults: dict[int, Fault]) -> Callable[[dict[str, Any]], Fault | None]:
+    """A ``fault_for`` that chooses by the request's ``max_tokens`` (easy to set from a trace)."""
+
+    def choose(body: dict[str, Any]) -> Fault | None:
+        return faults.get(body.get("max_tokens", -1))
+
+    return choose
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+@dataclass
+class FakeOpenAIServer:
+    config: FakeServerConfig = field(default_factory=FakeServerConfig)
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    _stopping: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> FakeOpenAIServer:
+        self._stopping = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        # Cancel handlers whose client went away (a timed-out request) instead of letting them
+        # hang on, and do not wait long for stragglers at shutdown.
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeOpenAIServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.config.model, "object": "model"}]}
+        )
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        fault = self.config.fault_for(body) if self.config.fault_for else None
+        if fault is not None and fault.kind == "status":
+            return web.json_response(
+                {"object": "error", "message": "injected", "type": "InternalServerError",
+                 "code": fault.status_code},
+                status=fault.status_code,
+            )
+        if fault is not None and fault.kind == "hang":
+            if self._stopping is not None:
+                await self._stopping.wait()
+            return web.Response(status=503)
+
+        n_tokens = int(body.get("max_tokens") or 16)
+        if self.config.max_generated_tokens is not None:
+            n_tokens = min(n_tokens, self.config.max_generated_tokens)
+        prompt = body.get("prompt")
+        n_prompt = len(prompt) if isinstance(prompt, list) else self.config.prompt_tokens
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{len(self.requests)}"
+        base = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model") or self.config.model,
+        }
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            if chat:
+                return {"index": 0, "delta": {"content": text}, "logprobs": None,
+                        "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                    "stop_reason": None}
+
+        await asyncio.sleep(self.config.first_token_delay_s)
+        if chat:
+            # vLLM's first chat chunk carries only the role, no generated text.
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None, "finish_reason": None}
+            await response.write(_sse({**base, "choices": [role]}))
+        for i in range(n_tokens):
+            if fault is not None and i == fault.after_tokens:
+                if fault.kind == "stream_error":
+                    error = {"error": {"message": "injected", "type": "InternalServerError",
+                                       "code": 500}}
+                    await response.write(_sse(error))
+                    await response.write(_sse("[DONE]"))
+                    return response
+                request.transport.close()  # "disconnect": no [DONE], no chunked trailer
+                return response
+            if i:
+                await asyncio.sleep(self.config.inter_token_delay_s)
+            finish = "length" if i == n_tokens - 1 else None
+            await response.write(_sse({**base, "choices": [choice(f" t{i}", finish)]}))
+        stream_options = body.get("stream_options") or {}
+        if stream_options.get("include_usage"):
+            usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_tokens,
+                     "completion_tokens": n_tokens}
+            await response.write(_sse({**base, "choices": [], "usage": usage}))
+        await response.write(_sse("[DONE]"))
+        await response.write_eof()
+        return response
+
+
+@contextmanager
+def serve_in_thread(config: FakeServerConfig | None = None) -> Iterator[FakeOpenAIServer]:
+    """Run a ``FakeOpenAIServer`` on its own event loop in a daemon thread."""
+    server = FakeOpenAIServer(config or FakeServerConfig())
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="fake-openai-server", daemon=True)
+    thread.start()
+    if not ready.wait(timeout=10):
+        raise RuntimeError("fake OpenAI server did not start")
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
