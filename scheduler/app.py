@@ -1,0 +1,210 @@
+"""The OpenAI-compatible front end (aiohttp): routes, request validation, error mapping.
+
+The Scheduler lives in the app's state (``app[SCHEDULER_KEY]``), never in a module global, so
+several apps (tests, benchmarks) can run in one process. Handlers are cancelled when their client
+disconnects (``handler_cancellation=True``), which is what cancels the upstream requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from scheduler import errors
+from scheduler.errors import ApiError
+from scheduler.pd_client import PDHandoff
+from scheduler.prom import CONTENT_TYPE
+from scheduler.service import Scheduler
+from scheduler.tokenization import encode_chat
+from scheduler.validation import (
+    Endpoint,
+    GenerationRequest,
+    check_context,
+    decode_body,
+    parse_chat,
+    parse_completion,
+)
+
+log = logging.getLogger(__name__)
+SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
+HANDOFF_KEY = web.AppKey("handoff", PDHandoff)
+# Prompts longer than this are tokenized in a worker thread so one huge prompt cannot stall
+# every other request on the loop.
+TOKENIZE_INLINE_MAX_CHARS = 32_768
+_encode = msgspec.json.encode
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _tokenize(sched: Scheduler, gen: GenerationRequest) -> list[int]:
+    tok = sched.tokenizer
+    if gen.prompt_ids is not None:
+        return gen.prompt_ids
+    if gen.prompt_text is not None:
+        return tok.encode_text(gen.prompt_text, gen.add_special_tokens)
+    try:
+        return encode_chat(tok, gen.messages or [], gen.chat_options)  # type: ignore[arg-type]
+    except Exception as exc:  # a template that raises (jinja2 errors, bad roles) is bad input
+        raise errors.invalid_field("messages", f"chat template failed: {exc}") from None
+
+
+def _prompt_size(gen: GenerationRequest) -> int:
+    if gen.prompt_text is not None:
+        return len(gen.prompt_text)
+    if gen.messages is not None:
+        return sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else 1024
+                   for m in gen.messages)  # fmt: skip
+    return 0
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.payload_too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.payload_too_large(limit) from None
+
+
+async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    sched = request.app[SCHEDULER_KEY]
+    arrival = sched.clock()
+    outcome = "ok"
+    try:
+        body = decode_body(await _read_body(request, sched.options.max_body_bytes))
+        served = sched.config.served_model_name
+        if endpoint is Endpoint.COMPLETIONS:
+            gen = parse_completion(body, served, sched.tokenizer.vocab_size)
+        else:
+            gen = parse_chat(body, served)
+        if _prompt_size(gen) > TOKENIZE_INLINE_MAX_CHARS:
+            gen.prompt_ids = await asyncio.to_thread(_tokenize, sched, gen)
+        else:
+            gen.prompt_ids = _tokenize(sched, gen)
+        check_context(gen, sched.config.max_model_len)
+        return await request.app[HANDOFF_KEY].serve(request, gen, arrival)
+    except ApiError as err:
+        outcome = "error"
+        sched.metrics.error(err.kind)
+        return err.to_response()
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        sched.metrics.error("client_disconnected")
+        raise
+    finally:
+        sched.metrics.request_done(endpoint.value, outcome)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, Endpoint.COMPLETIONS)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, Endpoint.CHAT)
+
+
+async def models(request: web.Request) -> web.Response:
+    sched = request.app[SCHEDULER_KEY]
+    cfg = sched.config
+    card = {
+        "id": cfg.served_model_name,
+        "object": "model",
+        "created": int(sched.started_wall),
+        "owned_by": "dualmap-pd",
+        "root": str(cfg.model),
+        "max_model_len": cfg.max_model_len,
+    }
+    return web.Response(body=_encode({"object": "list", "data": [card]}),
+                        content_type="application/json")  # fmt: skip
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when both pools have a healthy instance (requests can be served), else 503."""
+    view = request.app[SCHEDULER_KEY].view
+    instances = {st.name: {"role": st.role.value, "healthy": st.healthy} for st in view.instances()}
+    ok = bool(view.eligible("prefill")) and bool(view.eligible("decode"))
+    body = {"status": "ok" if ok else "unavailable", "instances": instances}
+    return web.Response(body=_encode(body), status=200 if ok else 503,
+                        content_type="application/json")  # fmt: skip
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SCHEDULER_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routing errors (404, 405) and unexpected failures in the OpenAI error format."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "not_found" if exc.status == 404 else "http_error"
+        request.app[SCHEDULER_KEY].metrics.error(kind)
+        return ApiError(exc.status, exc.reason, code=kind, kind=kind).to_response()
+    except ApiError as err:
+        request.app[SCHEDULER_KEY].metrics.error(err.kind)
+        return err.to_response()
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        request.app[SCHEDULER_KEY].metrics.error("internal")
+        return ApiError(500, "internal scheduler error", type=errors.SERVER_ERROR,
+                        code="internal_error", kind="internal").to_response()  # fmt: skip
+
+
+async def _start(app: web.Application) -> None:
+    await app[SCHEDULER_KEY].start()
+
+
+async def _stop(app: web.Application) -> None:
+    await app[SCHEDULER_KEY].stop()
+
+
+def create_app(scheduler: Scheduler) -> web.Application:
+    app = web.Application(
+        client_max_size=scheduler.options.max_body_bytes, middlewares=[openai_errors]
+    )
+    app[SCHEDULER_KEY] = scheduler
+    app[HANDOFF_KEY] = PDHandoff(scheduler)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    return app
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve ``app`` on host:port (port 0: any free port; see ``bound_port``)."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return int(runner.addresses[0][1])
+
+
+async def serve_forever(scheduler: Scheduler, host: str, port: int,
+                        ready: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    """Run the app until cancelled (Ctrl-C), then shut down cleanly."""
+    runner = await start_site(create_app(scheduler), host, port)
+    try:
+        if ready is not None:
+            ready(bound_port(runner))
+        while True:
+            await asyncio.sleep(3600)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,244 @@
+"""The prefill -> decode handoff against vLLM, and the relay of the answer to the client.
+
+Per request (the flow vLLM's NixlConnector expects):
+1. wait for a prefill instance (Scheduler.acquire_prefill: late dispatch may queue us);
+2. POST the request there with max_tokens=1, stream=false and
+   ``kv_transfer_params: {"do_remote_decode": true}``; the answer carries the
+   ``kv_transfer_params`` (remote engine, block ids, host, port) the decode engine needs;
+3. pick a decode instance (decode policy), POST the *original* request there with those
+   ``kv_transfer_params``; it pulls the KV over NIXL and generates;
+4. relay its answer: SSE chunks passed through byte for byte, or the JSON body as is.
+
+One ClientSession with keep-alive serves every upstream call. If the client disconnects,
+aiohttp cancels the handler; every upstream response is closed on the way out, which makes
+vLLM abort the request, and the router forgets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from scheduler import errors
+from scheduler.validation import GenerationRequest
+
+if TYPE_CHECKING:
+    from dualmap_pd.request import RoutedRequest
+    from scheduler.service import Scheduler, SchedulerOptions
+
+log = logging.getLogger(__name__)
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+_JSON_HEADERS = {"Content-Type": "application/json"}
+PREFILL_HEADER = "X-DualMap-Prefill-Instance"
+DECODE_HEADER = "X-DualMap-Decode-Instance"
+# One retry on another prefill instance when the chosen one refuses connections.
+PREFILL_ATTEMPTS = 2
+
+
+@dataclass(slots=True)
+class PrefillResult:
+    kv_transfer_params: dict[str, Any] | None
+    engine_cached_tokens: int | None  # what the engine says it found in its prefix cache
+
+
+class InstanceUnreachable(Exception):
+    """The instance refused or dropped the connection before answering (it is down)."""
+
+
+def prefill_body(body: dict[str, Any]) -> bytes:
+    """The prefill leg: one token, not streamed, KV kept for a remote decode."""
+    leg = dict(body)
+    leg["max_tokens"] = 1
+    if "max_completion_tokens" in leg:
+        leg["max_completion_tokens"] = 1
+    leg["stream"] = False
+    leg.pop("stream_options", None)
+    leg.pop("min_tokens", None)  # would exceed max_tokens=1 and be rejected
+    leg["kv_transfer_params"] = {"do_remote_decode": True}
+    return _encode(leg)
+
+
+def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any] | None) -> bytes:
+    if kv_transfer_params is None:
+        return _encode(body)  # the decode engine recomputes the prompt: slower, still correct
+    leg = dict(body)
+    leg["kv_transfer_params"] = kv_transfer_params
+    return _encode(leg)
+
+
+def parse_prefill(raw: bytes) -> PrefillResult:
+    try:
+        data = _decode(raw)
+    except msgspec.DecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise ValueError("prefill answer is not a JSON object")
+    kv = data.get("kv_transfer_params")
+    cached: int | None = None
+    usage = data.get("usage")
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        cached = details["cached_tokens"]
+    elif isinstance(kv, dict) and isinstance(kv.get("remote_prefill_cached_tokens"), int):
+        # vLLM's NixlConnector reports the prefill's prefix-cache hit here even when
+        # --enable-prompt-tokens-details is off.
+        cached = kv["remote_prefill_cached_tokens"]
+    return PrefillResult(kv if isinstance(kv, dict) else None, cached)
+
+
+class PDClient:
+    """Upstream HTTP to the vLLM engines (one pooled session)."""
+
+    def __init__(self, options: SchedulerOptions) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=options.max_connections, limit_per_host=0, keepalive_timeout=60.0,
+            ttl_dns_cache=300, enable_cleanup_closed=False,
+        )  # fmt: skip
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # engines set no cookies; skip the jar work
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=options.connect_timeout_s),
+            skip_auto_headers=("User-Agent",),
+        )
+        self._prefill_timeout = aiohttp.ClientTimeout(
+            total=options.prefill_timeout_s, sock_connect=options.connect_timeout_s
+        )
+        self._decode_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=options.connect_timeout_s,
+            sock_read=options.decode_idle_timeout_s,
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def healthy(self, url: str) -> bool:
+        try:
+            async with self.session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def prefill(self, url: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            async with self.session.post(url, data=body, headers=_JSON_HEADERS,
+                                         timeout=self._prefill_timeout) as resp:  # fmt: skip
+                return resp.status, await resp.read()
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            raise InstanceUnreachable(str(exc)) from exc
+
+    async def open_decode(self, url: str, body: bytes) -> aiohttp.ClientResponse:
+        """The decode response, headers read; the caller must release or close it."""
+        try:
+            return await self.session.post(url, data=body, headers=_JSON_HEADERS,
+                                           timeout=self._decode_timeout)  # fmt: skip
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            raise InstanceUnreachable(str(exc)) from exc
+
+
+class PDHandoff:
+    """Runs one request through prefill and decode for the web handlers."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    async def serve(self, http: web.Request, gen: GenerationRequest, arrival: float) -> web.StreamResponse:
+        sched = self.scheduler
+        routed = sched.new_request(gen.prompt_ids or [], gen.max_tokens, arrival)
+        path = gen.endpoint.path
+        prefill_instance, result = await self._prefill(routed, gen, path)
+        if not gen.stream:
+            sched.metrics.ttft_by_stream[False].observe(sched.clock() - arrival)
+        decode_instance, load = sched.acquire_decode(routed)
+        try:
+            body = decode_body(gen.body, result.kv_transfer_params)
+            headers = {PREFILL_HEADER: prefill_instance, DECODE_HEADER: decode_instance}
+            try:
+                upstream = await sched.client.open_decode(sched.instance_url(decode_instance) + path, body)
+            except InstanceUnreachable as exc:
+                sched.mark_unhealthy(decode_instance)
+                raise errors.upstream_failure("decode", decode_instance, str(exc)) from None
+            except asyncio.TimeoutError:
+                raise errors.upstream_failure("decode", decode_instance, "timed out") from None
+            try:
+                if upstream.status != 200:
+                    raise errors.from_upstream("decode", upstream.status, await upstream.read())
+                if gen.stream:
+                    return await self._relay_stream(http, upstream, headers, arrival)
+                data = await upstream.read()
+                upstream.release()
+                sched.metrics.e2e_by_stream[False].observe(sched.clock() - arrival)
+                return web.Response(body=data, content_type="application/json", headers=headers)
+            finally:
+                upstream.close()  # no-op once released; aborts the engine request otherwise
+        finally:
+            sched.release_decode(decode_instance, load)
+
+    async def _prefill(self, routed: RoutedRequest, gen: GenerationRequest,
+                       path: str) -> tuple[str, PrefillResult]:  # fmt: skip
+        sched = self.scheduler
+        body = prefill_body(gen.body)
+        attempts_left = PREFILL_ATTEMPTS
+        while True:
+            attempts_left -= 1
+            instance = await sched.acquire_prefill(routed)
+            predicted_hit = sched.predicted_hit_tokens(instance, routed)
+            started = sched.clock()
+            try:
+                status, raw = await sched.client.prefill(sched.instance_url(instance) + path, body)
+            except InstanceUnreachable as exc:
+                sched.abort_prefill(routed)
+                sched.mark_unhealthy(instance)
+                if attempts_left > 0:
+                    continue  # re-admitted: the router now skips the dead instance
+                raise errors.upstream_failure("prefill", instance, str(exc)) from None
+            except asyncio.TimeoutError:
+                sched.abort_prefill(routed)
+                raise errors.upstream_failure("prefill", instance, "timed out") from None
+            except BaseException:
+                sched.abort_prefill(routed)  # cancelled: the client is gone
+                raise
+            if status != 200:
+                sched.abort_prefill(routed)
+                raise errors.from_upstream("prefill", status, raw)
+            try:
+                result = parse_prefill(raw)
+            except ValueError as exc:
+                sched.abort_prefill(routed)
+                raise errors.upstream_failure("prefill", instance, str(exc)) from None
+            sched.complete_prefill(routed, instance, sched.clock() - started, predicted_hit,
+                                   result.engine_cached_tokens)  # fmt: skip
+            if result.kv_transfer_params is None:
+                sched.metrics.error("missing_kv_transfer_params")
+            return instance, result
+
+    async def _relay_stream(self, http: web.Request, upstream: aiohttp.ClientResponse,
+                            headers: dict[str, str], arrival: float) -> web.StreamResponse:  # fmt: skip
+        sched = self.scheduler
+        out = web.StreamResponse(
+            headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await out.prepare(http)
+        first = True
+        try:
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    sched.metrics.ttft_by_stream[True].observe(sched.clock() - arrival)
+                    first = False
+                await out.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
+            sched.metrics.error("upstream_decode_stream")
+            err = errors.upstream_failure("decode", headers[DECODE_HEADER], str(exc) or "stream broke")
+            await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
+        else:
+            upstream.release()
+        await out.write_eof()
+        sched.metrics.e2e_by_stream[True].observe(sched.clock() - arrival)
+        return out

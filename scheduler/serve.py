@@ -1,0 +1,119 @@
+"""``dualmap-pd serve``: the live OpenAI-compatible scheduler for a cluster config.
+
+Only argparse is imported at module level, so ``dualmap-pd --help`` stays fast; the service,
+transformers and uvloop load when the command runs. Also runnable standalone:
+``python -m scheduler.serve --config scripts/cluster.local.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="cluster YAML (see scripts/cluster.local.yaml)")
+    parser.add_argument("--host", help="listen address (default: scheduler.host of the config)")
+    parser.add_argument("--port", type=int, help="listen port (default: scheduler.port)")
+    parser.add_argument("--policy", help="prefill policy (default: scheduler.policy)")
+    parser.add_argument("--decode-policy", default="power_of_two", help="decode policy")
+    parser.add_argument("--slo-ttft", type=float, help="TTFT SLO in seconds (default: config)")
+    parser.add_argument("--profile", default="qwen7b-910b4",
+                        help="cost profile (per-token cost is recalibrated online)")  # fmt: skip
+    parser.add_argument("--max-engine-pending", type=int, default=2,
+                        help="late dispatch: prefills an engine may hold at once")  # fmt: skip
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                        help="larger request bodies get 413")  # fmt: skip
+    parser.add_argument("--no-kv-events", action="store_true",
+                        help="do not subscribe to the prefill engines' KV events")  # fmt: skip
+    parser.add_argument("--no-engine-metrics", action="store_true",
+                        help="do not poll the engines' /metrics")  # fmt: skip
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))  # fmt: skip
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES
+    from scheduler.app import serve_forever
+    from scheduler.config import ConfigError, load_config
+    from scheduler.service import Scheduler, SchedulerOptions, default_intake
+    from scheduler.tokenization import HFPromptTokenizer
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        if overrides:
+            cfg = cfg.with_overrides(scheduler=overrides)
+        options = SchedulerOptions.from_config(
+            cfg,
+            prefill_policy=args.policy,
+            decode_policy=args.decode_policy,
+            slo_ttft=args.slo_ttft,
+            cost_profile=args.profile,
+            max_engine_pending=args.max_engine_pending,
+            max_body_bytes=args.max_body_bytes,
+        )
+        PREFILL_POLICIES.get(options.prefill_policy)
+        DECODE_POLICIES.get(options.decode_policy)
+        if options.max_engine_pending < 1 or options.max_body_bytes < 1 or options.slo_ttft <= 0:
+            raise ValueError("--max-engine-pending, --max-body-bytes and --slo-ttft must be positive")
+    except (ConfigError, ValueError) as exc:
+        print(f"dualmap-pd serve: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    tokenizer = HFPromptTokenizer(cfg.model)
+    intake = default_intake(kv_events=not args.no_kv_events, engine_metrics=not args.no_engine_metrics)
+    scheduler = Scheduler(cfg, tokenizer, options=options, intake=intake)
+
+    def ready(port: int) -> None:
+        print(f"dualmap-pd serve: {options.prefill_policy} over {len(cfg.prefill)} prefill + "
+              f"{len(cfg.decode)} decode instances on http://{cfg.scheduler.host}:{port}",
+              flush=True)  # fmt: skip
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await serve_forever(scheduler, cfg.scheduler.host, cfg.scheduler.port, ready)
+        except asyncio.CancelledError:
+            pass
+
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(main())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # typically: the port is taken
+        print(f"dualmap-pd serve: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _loop_factory():  # type: ignore[no-untyped-def]
+    """uvloop when installed: about twice the HTTP throughput of the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dualmap-pd serve", description=__doc__)
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

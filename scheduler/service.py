@@ -1,0 +1,311 @@
+"""The live Scheduler: one ClusterView, the PrefillRouter (DualMap by default), a decode policy,
+and the waiting room for late dispatch.
+
+Everything here runs on one asyncio loop, so the view and the router need no locks. A request
+handler calls ``acquire_prefill`` (admit; it may wait in a scheduler-side queue until
+``take_dispatchable`` hands it to an instance), sends its prefill, calls ``complete_prefill``
+(or ``abort_prefill``), then ``acquire_decode``/``release_decode`` around the decode leg.
+``take_dispatchable`` runs after every admit and every finish, which is when a queue can move.
+
+KV-event subscribers and the engine-metrics poller are injected (``intake``) so unit tests run
+without ZMQ or real engines; ``default_intake`` builds the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from dualmap_pd.cluster import ClusterView, InstanceState, Role
+from dualmap_pd.cost import CostModel, get_profile
+from dualmap_pd.hashing import block_hashes, hash_block
+from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES, PolicyContext
+from dualmap_pd.request import NoInstanceError, RoutedRequest
+from dualmap_pd.router import DispatchLimits, PrefillRouter
+from scheduler import errors
+from scheduler.config import ClusterConfig
+from scheduler.pd_client import PDClient
+from scheduler.prom import SchedulerMetrics
+from scheduler.tokenization import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """Knobs of the service that are not part of the cluster config."""
+
+    prefill_policy: str = "dualmap"
+    decode_policy: str = "power_of_two"
+    cost_profile: str = "qwen7b-910b4"  # recalibrated online from observed prefill times
+    slo_ttft: float = 5.0
+    max_engine_pending: int = 2  # late dispatch: prefills an engine may hold at once
+    seed: int = 0
+    max_body_bytes: int = 8 * 2**20
+    connect_timeout_s: float = 5.0
+    prefill_timeout_s: float = 600.0
+    decode_idle_timeout_s: float = 600.0  # longest silence between two decode chunks
+    max_connections: int = 4096
+    health_interval_s: float = 2.0  # how often unhealthy instances are probed for recovery
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig, **overrides: object) -> SchedulerOptions:
+        base = cls(prefill_policy=config.scheduler.policy, slo_ttft=config.scheduler.slo_ttft)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class BackgroundService(Protocol):
+    """A KV-event subscriber, metrics poller, ...: started and stopped with the Scheduler."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+IntakeFactory = Callable[["Scheduler"], Sequence[BackgroundService]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        tokenizer: PromptTokenizer,
+        *,
+        options: SchedulerOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        intake: IntakeFactory | None = None,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.options = options or SchedulerOptions.from_config(config)
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.view = ClusterView(config.block_size)
+        self.urls: dict[str, str] = {}
+        for inst in config.instances:
+            self.view.add_instance(inst.name, inst.role)
+            self.urls[inst.name] = inst.url
+        opts = self.options
+        self.cost = CostModel(get_profile(opts.cost_profile))
+        self.ctx = PolicyContext(self.cost, slo_ttft=opts.slo_ttft, seed=opts.seed)
+        self.prefill_policy = PREFILL_POLICIES.create(opts.prefill_policy, self.ctx)
+        self.decode_policy = DECODE_POLICIES.create(opts.decode_policy, self.ctx)
+        self.router = PrefillRouter(
+            self.prefill_policy, self.view, DispatchLimits(max_engine_pending=opts.max_engine_pending)
+        )
+        self.metrics = metrics or SchedulerMetrics()
+        self.metrics.watch_view(self.view, self.estimated_ttft)
+        self._intake_factory = intake
+        self._services: list[BackgroundService] = []
+        self._waiters: dict[str, asyncio.Future[str]] = {}
+        self._health_task: asyncio.Task[None] | None = None
+        # Request ids unique across restarts and replicas without a per-request uuid4.
+        self._id_prefix = f"dm-{os.getpid():x}-{int(time.time() * 1000) & 0xFFFFFF:x}-"
+        self._seq = 0
+        self.started_wall = time.time()  # /v1/models "created"
+        self.client: PDClient | None = None  # created in start(): it needs a running loop
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.client = PDClient(self.options)
+        if self._intake_factory is not None:
+            self._services = list(self._intake_factory(self))
+        for svc in self._services:
+            await svc.start()
+        self._health_task = asyncio.create_task(self._health_loop(), name="dualmap-health")
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+            self._health_task = None
+        for svc in reversed(self._services):
+            try:
+                await svc.stop()
+            except Exception:  # one failing stop must not leave the others running
+                log.exception("stopping %r failed", svc)
+        self._services = []
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(errors.no_instance("prefill"))
+        self._waiters.clear()
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    # -- requests ---------------------------------------------------------------------------
+    def new_request(self, prompt_ids: list[int], max_tokens: int | None, arrival: float) -> RoutedRequest:
+        self._seq += 1
+        bs = self.view.block_size
+        hashes = block_hashes(prompt_ids, bs)
+        return RoutedRequest(
+            request_id=f"{self._id_prefix}{self._seq}",
+            prompt_tokens=len(prompt_ids),
+            block_hashes=hashes,
+            block_size=bs,
+            arrival=arrival,
+            # Prompts under one block have no block hash; route them by all their tokens.
+            fallback_key=0 if hashes else hash_block(None, prompt_ids),
+            expected_output_tokens=max_tokens,
+        )
+
+    async def acquire_prefill(self, req: RoutedRequest) -> str:
+        """Admit ``req`` and wait until it may go to its prefill instance; returns the name.
+
+        If the caller is cancelled (client gone) while waiting or right after dispatch, the
+        request leaves the router so it holds no queue or engine slot."""
+        rid = req.request_id
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = fut
+        now = self.clock()
+        try:
+            decision = self.router.admit(req, now)
+        except NoInstanceError:
+            del self._waiters[rid]
+            raise errors.no_instance("prefill") from None
+        self.metrics.decision("prefill", decision.branch)
+        self._dispatch(now)
+        try:
+            return await fut
+        except BaseException:
+            self._waiters.pop(rid, None)
+            self.abort_prefill(req)
+            raise
+
+    def _dispatch(self, now: float) -> None:
+        """Hand every dispatchable queued request to its waiting handler."""
+        while True:
+            released = False
+            for req, instance in self.router.take_dispatchable(now):
+                fut = self._waiters.pop(req.request_id, None)
+                if fut is None or fut.done():
+                    # Its handler is gone; free the engine slot it was just given.
+                    self.router.finish_prefill(req.request_id, now)
+                    released = True
+                    continue
+                self.metrics.queue_wait.observe(max(0.0, now - req.enqueued_at))
+                fut.set_result(instance)
+            if not released:
+                return
+
+    def predicted_hit_tokens(self, instance: str, req: RoutedRequest) -> int:
+        """Prompt tokens the engine should find cached. vLLM always computes at least the last
+        prompt token, so a fully cached prompt hits one block less."""
+        hit = self.view.hit_tokens(instance, req.block_hashes)
+        bs = self.view.block_size
+        return min(hit, (req.prompt_tokens - 1) // bs * bs)
+
+    def complete_prefill(self, req: RoutedRequest, instance: str, seconds: float,
+                         predicted_hit: int, engine_hit: int | None) -> None:  # fmt: skip
+        now = self.clock()
+        self.router.finish_prefill(req.request_id, now)
+        cached = engine_hit if engine_hit is not None else predicted_hit
+        self.cost.observe_prefill(instance, req.prompt_tokens - cached, cached, seconds)
+        self.metrics.prefill_done(instance, seconds, req.prompt_tokens, predicted_hit, engine_hit)
+        self._dispatch(now)
+
+    def abort_prefill(self, req: RoutedRequest) -> None:
+        """The prefill failed or its client left: release its queue or engine slot."""
+        now = self.clock()
+        if self.router.finish_prefill(req.request_id, now) is not None:
+            self._dispatch(now)
+
+    def acquire_decode(self, req: RoutedRequest) -> tuple[str, int]:
+        """Pick the decode instance and count the request's load on it until release."""
+        try:
+            decision = self.decode_policy.select(req, self.view, self.clock())
+        except NoInstanceError:
+            raise errors.no_instance("decode") from None
+        self.decode_policy.on_decision(req, decision, self.view, self.clock())
+        self.metrics.decision("decode", decision.branch)
+        # The KV the request may come to hold: its prompt plus its whole output budget.
+        load = req.prompt_tokens + (req.expected_output_tokens or 0)
+        st = self.view[decision.instance]
+        st.running_requests += 1
+        st.active_tokens += load
+        return decision.instance, load
+
+    def release_decode(self, instance: str, load: int) -> None:
+        st = self.view.get(instance)
+        if st is not None:
+            st.running_requests = max(0, st.running_requests - 1)
+            st.active_tokens = max(0, st.active_tokens - load)
+
+    # -- health -----------------------------------------------------------------------------
+    def mark_unhealthy(self, instance: str) -> None:
+        """An instance stopped answering: route around it and re-admit what waited for it."""
+        st = self.view.get(instance)
+        if st is None or not st.healthy:
+            return
+        log.warning("instance %s is unreachable; routing around it", instance)
+        queued_ids = {item[2] for item in st.queue} if st.role is Role.PREFILL else set()
+        self.view.set_health(instance, False)
+        if st.role is not Role.PREFILL:
+            return
+        now = self.clock()
+        for req in self.router.evict_instance(instance, now):
+            fut = self._waiters.get(req.request_id)
+            if req.request_id not in queued_ids or fut is None or fut.done():
+                continue  # in the engine already: its own handler sees the failure
+            try:
+                self.router.admit(req, now)
+            except NoInstanceError:
+                self._waiters.pop(req.request_id, None)
+                fut.set_exception(errors.no_instance("prefill"))
+        self._dispatch(now)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.health_interval_s)
+            for st in list(self.view.instances()):
+                if not st.healthy and self.client is not None:
+                    if await self.client.healthy(self.urls[st.name]):
+                        log.warning("instance %s is back", st.name)
+                        self.view.set_health(st.name, True)
+                        self._dispatch(self.clock())
+
+    # -- views ------------------------------------------------------------------------------
+    def estimated_ttft(self, st: InstanceState) -> float:
+        return self.prefill_policy.estimated_ttft(st, 0)
+
+    def instance_url(self, name: str) -> str:
+        return self.urls[name]
+
+
+def default_intake(kv_events: bool = True, engine_metrics: bool = True) -> IntakeFactory:
+    """The real intake: one KV-event subscriber per prefill instance that publishes events,
+    and the engine-metrics poller (both from scheduler.kv_events / scheduler.engine_metrics)."""
+
+    def build(scheduler: Scheduler) -> list[BackgroundService]:
+        cfg = scheduler.config
+        services: list[BackgroundService] = []
+        if kv_events:
+            from scheduler.kv_events import KVEventSubscriber
+
+            for inst in cfg.prefill:
+                if inst.kv_events_endpoint is None:
+                    continue
+                services.append(KVEventSubscriber(
+                    inst.name, inst.kv_events_endpoint, scheduler.view, cfg.block_size,
+                    replay_endpoint=inst.kv_events_replay_endpoint,
+                ))  # fmt: skip
+        if engine_metrics:
+            services.extend(engine_metrics_services(scheduler))
+        return services
+
+    return build
+
+
+def engine_metrics_services(scheduler: Scheduler) -> list[BackgroundService]:
+    """The engines' /metrics poller, feeding load into the view and NIXL totals into /metrics."""
+    try:
+        import scheduler.engine_metrics  # noqa: F401
+    except ImportError:
+        log.warning("scheduler.engine_metrics is not available; engine metrics are not polled")
+        return []
+    return []
