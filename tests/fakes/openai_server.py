@@ -11,6 +11,11 @@ Latency, the number of generated tokens and failures are configurable through
 can make some requests fail and others succeed in one run. Every request body is recorded in
 ``FakeOpenAIServer.requests`` for assertions.
 
+Non-streaming requests (``stream`` false or absent) get one JSON body, as vLLM answers them. A
+request carrying ``kv_transfer_params: {"do_remote_decode": true}`` (the prefill leg of P/D) gets
+``kv_transfer_params`` back in vLLM's NixlConnector shape, so a P/D proxy can be tested end to
+end; ``disconnects`` counts requests whose client went away before the answer was complete.
+
 Use ``async with FakeOpenAIServer(config) as server:`` inside a running loop, or
 ``with serve_in_thread(config) as server:`` from synchronous code (e.g. to test a CLI that calls
 ``asyncio.run`` itself).
@@ -81,6 +86,7 @@ class FakeOpenAIServer:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnects: int = 0  # handlers cancelled because the client closed the connection
     _runner: web.AppRunner | None = None
     _stopping: asyncio.Event | None = None
 
@@ -94,6 +100,7 @@ class FakeOpenAIServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
         # Cancel handlers whose client went away (a timed-out request) instead of letting them
         # hang on, and do not wait long for stragglers at shutdown.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
@@ -116,6 +123,9 @@ class FakeOpenAIServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response()  # vLLM answers 200 with an empty body
+
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(
             {"object": "list", "data": [{"id": self.config.model, "object": "model"}]}
@@ -128,6 +138,46 @@ class FakeOpenAIServer:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            return await self._answer(request, chat)
+        except asyncio.CancelledError:
+            self.disconnects += 1
+            raise
+
+    def _json_answer(self, body: dict[str, Any], chat: bool, n_prompt: int) -> web.Response:
+        """A non-streamed answer; with ``do_remote_decode`` also vLLM's kv_transfer_params."""
+        n_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
+        if self.config.max_generated_tokens is not None:
+            n_tokens = min(n_tokens, self.config.max_generated_tokens)
+        text = "".join(f" t{i}" for i in range(n_tokens))
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": "length"}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
+                      "stop_reason": None}
+        answer: dict[str, Any] = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{len(self.requests)}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model") or self.config.model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_tokens,
+                      "completion_tokens": n_tokens, "prompt_tokens_details": None},
+        }
+        kv = body.get("kv_transfer_params")
+        if isinstance(kv, dict) and kv.get("do_remote_decode"):
+            answer["kv_transfer_params"] = {
+                "do_remote_prefill": True, "do_remote_decode": False,
+                "remote_block_ids": [[len(self.requests)]],
+                "remote_engine_id": f"fake-{self.port}",
+                "remote_request_id": answer["id"], "remote_host": self.host,
+                "remote_port": self.port, "tp_size": 1, "remote_num_tokens": n_prompt,
+                "transfer_mode": "pull", "remote_prefill_cached_tokens": 0,
+            }
+        return web.json_response(answer)
+
+    async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         fault = self.config.fault_for(body) if self.config.fault_for else None
@@ -147,6 +197,9 @@ class FakeOpenAIServer:
             n_tokens = min(n_tokens, self.config.max_generated_tokens)
         prompt = body.get("prompt")
         n_prompt = len(prompt) if isinstance(prompt, list) else self.config.prompt_tokens
+        if not body.get("stream"):
+            await asyncio.sleep(self.config.first_token_delay_s)
+            return self._json_answer(body, chat, n_prompt)
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)

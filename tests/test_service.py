@@ -1,0 +1,364 @@
+"""The live scheduler against fake vLLM servers: the P/D flow, errors, late dispatch, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from scheduler.app import bound_port, create_app, start_site
+from scheduler.config import config_from_dict
+from scheduler.service import Scheduler, SchedulerOptions
+from scheduler.tokenization import ChatOptions
+from tests.fakes.openai_server import FakeOpenAIServer, FakeServerConfig, Fault
+
+MODEL = "fake-model"
+BLOCK = 16
+MAX_MODEL_LEN = 256
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (+4), BOS = 1: enough to exercise hashing and length checks."""
+
+    vocab_size = 260
+
+    def encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = [b + 4 for b in text.encode()]
+        return [1, *ids] if add_special_tokens else ids
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], options: ChatOptions) -> str:
+        text = "".join(f"<{m['role']}>{m.get('content') or ''}" for m in messages)
+        return text + ("<assistant>" if options.add_generation_prompt else "")
+
+
+@dataclass
+class Harness:
+    scheduler: Scheduler
+    url: str
+    client: aiohttp.ClientSession
+    prefill: list[FakeOpenAIServer]
+    decode: list[FakeOpenAIServer]
+
+    async def post(self, path: str, body: Any, **kw: Any) -> tuple[int, dict[str, Any], Any]:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        async with self.client.post(self.url + path, data=data,
+                                    headers={"Content-Type": "application/json"}, **kw) as r:  # fmt: skip
+            text = await r.text()
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                payload = text
+            return r.status, dict(r.headers), payload
+
+
+@asynccontextmanager
+async def cluster(
+    n_prefill: int = 2,
+    n_decode: int = 1,
+    prefill_config: FakeServerConfig | None = None,
+    decode_config: FakeServerConfig | None = None,
+    **options: Any,
+) -> AsyncIterator[Harness]:
+    prefill = [await FakeOpenAIServer(prefill_config or FakeServerConfig()).start() for _ in range(n_prefill)]
+    decode = [await FakeOpenAIServer(decode_config or FakeServerConfig()).start() for _ in range(n_decode)]
+    cfg = config_from_dict({
+        "model": "/nonexistent/fake-model", "served_model_name": MODEL, "block_size": BLOCK,
+        "max_model_len": MAX_MODEL_LEN,
+        "prefill": [{"name": f"prefill-{i}", "port": s.port, "nixl_side_channel_port": 40100 + i,
+                     "kv_events_port": 40200 + i} for i, s in enumerate(prefill)],
+        "decode": [{"name": f"decode-{i}", "port": s.port, "nixl_side_channel_port": 40300 + i}
+                   for i, s in enumerate(decode)],
+    })  # fmt: skip
+    opts = SchedulerOptions(health_interval_s=0.1, max_body_bytes=64 * 1024, **options)
+    sched = Scheduler(cfg, ByteTokenizer(), options=opts)
+    runner = await start_site(create_app(sched), "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as client:
+            yield Harness(sched, f"http://127.0.0.1:{bound_port(runner)}", client, prefill, decode)
+    finally:
+        await runner.cleanup()
+        for s in prefill + decode:
+            await s.stop()
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), timeout=30))
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def completion(prompt: Any = "hello world", **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 4, **extra}
+
+
+# --- the P/D flow ---------------------------------------------------------------------------
+
+
+def test_completion_is_prefilled_then_decoded_with_the_kv_params() -> None:
+    async def body() -> None:
+        async with cluster() as h:
+            status, headers, answer = await h.post("/v1/completions", completion(max_tokens=5))
+            assert status == 200, answer
+            assert answer["choices"][0]["text"] == " t0 t1 t2 t3 t4"
+            (pre,) = [r for s in h.prefill for r in s.requests]
+            assert pre["max_tokens"] == 1 and pre["stream"] is False
+            assert pre["kv_transfer_params"] == {"do_remote_decode": True}
+            (dec,) = h.decode[0].requests
+            assert dec["max_tokens"] == 5 and dec["prompt"] == "hello world"
+            served_by = h.prefill[int(headers["X-DualMap-Prefill-Instance"][-1])]
+            assert dec["kv_transfer_params"]["remote_engine_id"] == f"fake-{served_by.port}"
+            assert headers["X-DualMap-Decode-Instance"] == "decode-0"
+            assert len(h.scheduler.router) == 0
+            assert h.scheduler.view["decode-0"].running_requests == 0
+
+    run(body)
+
+
+def test_chat_stream_is_relayed_as_sse() -> None:
+    async def body() -> None:
+        async with cluster() as h:
+            req = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                   "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            status, headers, text = await h.post("/v1/chat/completions", req)
+            assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+            events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+            assert content == " t0 t1 t2"
+            assert chunks[-1]["usage"]["completion_tokens"] == 3
+            (pre,) = [r for s in h.prefill for r in s.requests]
+            assert "stream_options" not in pre and pre["messages"] == req["messages"]
+            assert h.decode[0].requests[0]["stream"] is True
+
+    run(body)
+
+
+def test_prompt_as_token_ids_and_shared_prefix_routing() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=4) as h:
+            prefix = list(range(10, 10 + 3 * BLOCK))
+            seen = set()
+            for tail in range(5):
+                status, headers, _ = await h.post("/v1/completions", completion(prefix + [100 + tail]))
+                assert status == 200
+                seen.add(headers["X-DualMap-Prefill-Instance"])
+            # Same first blocks -> same routing key -> the same two DualMap candidates (with no
+            # KV events here, the load tie-break picks between them).
+            assert len(seen) <= 2
+
+    run(body)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"model": "fake-model", "prompt": "x"', 400, "invalid_json"),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_type"),
+    ("/v1/completions", {"model": MODEL, "max_tokens": 4}, 400, "missing_required_parameter"),
+    ("/v1/chat/completions", {"model": MODEL}, 400, "missing_required_parameter"),
+    ("/v1/completions", completion(max_tokens="4"), 400, "invalid_value"),
+    ("/v1/completions", completion(stream="yes"), 400, "invalid_value"),
+    ("/v1/completions", completion(prompt=5), 400, "invalid_value"),
+    ("/v1/completions", completion(prompt=[1, 2, 999]), 400, "invalid_value"),
+    ("/v1/completions", completion(prompt=["a", "b"]), 400, "invalid_value"),
+    ("/v1/completions", completion(n=2), 400, "invalid_value"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "no role"}]}, 400, "invalid_value"),
+    ("/v1/completions", completion(model="gpt-4"), 404, "model_not_found"),
+    ("/v1/completions", completion(prompt="x" * 300), 400, "context_length_exceeded"),
+    ("/v1/completions", completion(max_tokens=MAX_MODEL_LEN), 400, "context_length_exceeded"),
+    ("/v1/completions", completion(prompt="x" * 70_000), 413, "request_too_large"),
+    ("/v1/nothing", completion(), 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("path,request_body,status,code", BAD_REQUESTS)
+def test_bad_input_gets_openai_error_and_next_request_succeeds(
+    path: str, request_body: Any, status: int, code: str
+) -> None:
+    async def body() -> None:
+        async with cluster() as h:
+            got, _, answer = await h.post(path, request_body)
+            assert got == status, answer
+            assert set(answer) == {"error"}
+            assert set(answer["error"]) == {"message", "type", "param", "code"}
+            assert answer["error"]["code"] == code and answer["error"]["message"]
+            assert not any(s.requests for s in h.prefill + h.decode)  # no engine time spent
+            good, _, _ = await h.post("/v1/completions", completion())
+            assert good == 200
+            metrics = await (await h.client.get(h.url + "/metrics")).text()
+            assert "dualmap_errors_total{" in metrics
+
+    run(body)
+
+
+def test_engine_errors_keep_client_errors_and_hide_server_errors() -> None:
+    def fault(body: dict[str, Any]) -> Fault | None:
+        prompt = body.get("prompt", "")
+        return Fault("status", status_code=400) if "REJECT" in prompt else \
+            Fault("status", status_code=500) if "CRASH" in prompt else None  # fmt: skip
+
+    async def body() -> None:
+        async with cluster(prefill_config=FakeServerConfig(fault_for=fault)) as h:
+            status, _, answer = await h.post("/v1/completions", completion("REJECT me"))
+            assert status == 400 and answer["error"]["message"] == "injected"
+            status, _, answer = await h.post("/v1/completions", completion("CRASH me"))
+            assert status == 502 and answer["error"]["code"] == "upstream_error"
+            assert len(h.scheduler.router) == 0  # failed prefills left no slot behind
+            assert (await h.post("/v1/completions", completion()))[0] == 200
+
+    run(body)
+
+
+# --- late dispatch --------------------------------------------------------------------------
+
+
+def test_requests_beyond_the_engine_limit_wait_then_all_complete() -> None:
+    async def body() -> None:
+        slow = FakeServerConfig(first_token_delay_s=0.05)
+        async with cluster(n_prefill=2, prefill_config=slow, max_engine_pending=1) as h:
+            view = h.scheduler.view
+            peak_queued = peak_pending = 0
+            done = False
+
+            async def sample() -> None:
+                nonlocal peak_queued, peak_pending
+                while not done:
+                    prefill = [view[f"prefill-{i}"] for i in range(2)]
+                    peak_queued = max(peak_queued, sum(len(s.queue) for s in prefill))
+                    peak_pending = max(peak_pending, max(s.engine_pending_requests for s in prefill))
+                    await asyncio.sleep(0.005)
+
+            sampler = asyncio.create_task(sample())
+            results = await asyncio.gather(
+                *(h.post("/v1/completions", completion(f"prompt number {i}")) for i in range(10))
+            )
+            done = True
+            await sampler
+            assert [r[0] for r in results] == [200] * 10
+            assert peak_pending == 1  # never more than the limit in an engine
+            assert peak_queued >= 1  # the rest waited in the scheduler
+            assert sum(len(s.requests) for s in h.prefill) == 10
+            assert len(h.scheduler.router) == 0
+            metrics = await (await h.client.get(h.url + "/metrics")).text()
+            assert 'dualmap_decisions_total{branch="' in metrics
+
+    run(body)
+
+
+# --- client disconnects ---------------------------------------------------------------------
+
+
+def test_client_disconnect_mid_stream_cancels_the_decode_request() -> None:
+    async def body() -> None:
+        slow_decode = FakeServerConfig(inter_token_delay_s=0.05)
+        async with cluster(decode_config=slow_decode) as h:
+            req = completion(max_tokens=200, stream=True)
+            async with h.client.post(h.url + "/v1/completions", json=req) as resp:
+                assert resp.status == 200
+                await resp.content.readany()  # first chunk arrived: decoding is under way
+                st = h.scheduler.view["decode-0"]
+                assert st.running_requests == 1 and st.active_tokens == 12 + 200
+                resp.close()  # the client goes away
+            assert await eventually(lambda: h.decode[0].disconnects == 1)
+            assert await eventually(lambda: st.running_requests == 0 and st.active_tokens == 0)
+            metrics = await (await h.client.get(h.url + "/metrics")).text()
+            assert 'dualmap_errors_total{kind="client_disconnected"} 1.0' in metrics
+
+    run(body)
+
+
+def test_client_disconnect_while_queued_leaves_the_router() -> None:
+    async def body() -> None:
+        slow = FakeServerConfig(first_token_delay_s=0.4)
+        async with cluster(n_prefill=1, prefill_config=slow, max_engine_pending=1) as h:
+            first = asyncio.create_task(h.post("/v1/completions", completion("first")))
+            assert await eventually(lambda: h.scheduler.view["prefill-0"].engine_pending_requests == 1)
+            with pytest.raises(asyncio.TimeoutError):
+                await h.post("/v1/completions", completion("second"),
+                             timeout=aiohttp.ClientTimeout(total=0.1))  # fmt: skip
+            # The queued one is gone from the router; the first still holds its engine slot.
+            assert await eventually(lambda: len(h.scheduler.router) == 1)
+            assert not h.scheduler.view["prefill-0"].queue
+            assert (await first)[0] == 200
+            assert len(h.scheduler.router) == 0
+            assert len(h.prefill[0].requests) == 1  # the cancelled request never reached it
+
+    run(body)
+
+
+# --- decode load balancing and failures -----------------------------------------------------
+
+
+def test_decode_instance_choice_follows_load() -> None:
+    async def body() -> None:
+        async with cluster(n_decode=2) as h:
+            view = h.scheduler.view
+            view["decode-0"].active_tokens = 1_000_000  # as if busy with long requests
+            for i in range(4):
+                status, headers, _ = await h.post("/v1/completions", completion(f"p{i}"))
+                assert status == 200 and headers["X-DualMap-Decode-Instance"] == "decode-1"
+            view["decode-0"].active_tokens = 0
+            view["decode-1"].active_tokens = 1_000_000
+            for i in range(4):
+                _, headers, _ = await h.post("/v1/completions", completion(f"q{i}"))
+                assert headers["X-DualMap-Decode-Instance"] == "decode-0"
+            assert (len(h.decode[0].requests), len(h.decode[1].requests)) == (4, 4)
+
+    run(body)
+
+
+def test_dead_prefill_instance_is_routed_around_and_comes_back() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=2) as h:
+            dead_port = h.prefill[0].port
+            await h.prefill[0].stop()
+            for i in range(6):
+                status, headers, answer = await h.post("/v1/completions", completion(f"x{i}"))
+                assert status == 200, answer
+                assert headers["X-DualMap-Prefill-Instance"] == "prefill-1"
+            assert not h.scheduler.view["prefill-0"].healthy
+            revived = FakeOpenAIServer(port=dead_port)
+            await revived.start()
+            try:
+                assert await eventually(lambda: h.scheduler.view["prefill-0"].healthy)
+            finally:
+                await revived.stop()
+
+    run(body)
+
+
+def test_models_health_and_metrics_endpoints() -> None:
+    async def body() -> None:
+        async with cluster() as h:
+            models = await (await h.client.get(h.url + "/v1/models")).json()
+            assert [m["id"] for m in models["data"]] == [MODEL]
+            health = await h.client.get(h.url + "/health")
+            assert health.status == 200
+            await h.post("/v1/completions", completion(stream=True))
+            text = await (await h.client.get(h.url + "/metrics")).text()
+            for name in ("dualmap_ttft_seconds_bucket", "dualmap_e2e_seconds_bucket",
+                         "dualmap_instance_queue_depth", "dualmap_instance_estimated_ttft_seconds",
+                         "dualmap_cache_hit_tokens_predicted_total",
+                         "dualmap_cache_hit_tokens_engine_total"):  # fmt: skip
+                assert name in text, name
+            for s in h.decode:
+                await s.stop()
+            status, _, answer = await h.post("/v1/completions", completion())
+            assert status == 502 and answer["error"]["type"] == "server_error"
+            assert (await h.client.get(h.url + "/health")).status == 503
+
+    run(body)
