@@ -29,12 +29,17 @@ class ConsistentHashRing:
         self._members: set[str] = set()
         self._points: list[int] = []
         self._owners: list[str] = []
-        self._pending: dict[str, list[int]] = {}
-        for m in members:
-            self.add(m)
+        self._point_cache: dict[str, list[int]] = {}
+        self.add_many(members)
 
     def _member_points(self, member: str) -> list[int]:
-        return [stable_hash(f"{self.salt}|{member}|{i}") for i in range(self.vnodes)]
+        # Cached: every rebuild needs every member's points, and hashing them anew made
+        # building a 1,024-instance ring take minutes.
+        points = self._point_cache.get(member)
+        if points is None:
+            points = [stable_hash(f"{self.salt}|{member}|{i}") for i in range(self.vnodes)]
+            self._point_cache[member] = points
+        return points
 
     @property
     def members(self) -> frozenset[str]:
@@ -47,16 +52,25 @@ class ConsistentHashRing:
         return member in self._members
 
     def add(self, member: str) -> None:
-        if member in self._members:
-            return
-        self._members.add(member)
-        self._rebuild()
+        self.add_many((member,))
 
     def remove(self, member: str) -> None:
-        if member not in self._members:
-            return
-        self._members.discard(member)
-        self._rebuild()
+        self.remove_many((member,))
+
+    def add_many(self, members: Iterable[str]) -> None:
+        """Add several members with one rebuild (same ring as adding them one by one)."""
+        new = [m for m in members if m not in self._members]
+        if new:
+            self._members.update(new)
+            self._rebuild()
+
+    def remove_many(self, members: Iterable[str]) -> None:
+        gone = [m for m in members if m in self._members]
+        if gone:
+            self._members.difference_update(gone)
+            for m in gone:
+                self._point_cache.pop(m, None)
+            self._rebuild()
 
     def _rebuild(self) -> None:
         # Ties between two members' points (astronomically rare with 64-bit hashes) are broken by
@@ -110,10 +124,9 @@ class DualRing:
         """Make the membership equal to ``members``; returns (added, removed)."""
         wanted = set(members)
         current = set(self.members)
-        for m in sorted(wanted - current):
-            self.add(m)
-        for m in sorted(current - wanted):
-            self.remove(m)
+        for ring in (self.ring_a, self.ring_b):
+            ring.add_many(sorted(wanted - current))
+            ring.remove_many(sorted(current - wanted))
         return wanted - current, current - wanted
 
     def candidates(self, key: int, exclude: Collection[str] = ()) -> tuple[str, ...]:
