@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dualmap_pd.request import RoutedRequest
 
 
 class Role(str, Enum):
@@ -26,6 +30,9 @@ class InstanceState:
     draining: bool = False
     # Exact (KV events) or estimated (routing history) set of cached block hashes.
     cached_blocks: set[int] = field(default_factory=set)
+    # Bumped whenever cached_blocks changes, so a request's memoised hit count can be reused
+    # until the cache it was measured against changes.
+    cache_epoch: int = 0
     # Scheduler-side queue (late dispatch): request ids in the order the policy wants them sent.
     queue: list[str] = field(default_factory=list)
     queued_uncached_tokens: int = 0
@@ -113,6 +120,7 @@ class ClusterView:
     # -- cache index ------------------------------------------------------------------------
     def add_blocks(self, name: str, hashes: Iterable[int]) -> None:
         st = self._instances[name]
+        st.cache_epoch += 1
         holders = self._holders
         for h in hashes:
             if h not in st.cached_blocks:
@@ -121,12 +129,14 @@ class ClusterView:
 
     def remove_blocks(self, name: str, hashes: Iterable[int]) -> None:
         st = self._instances[name]
+        st.cache_epoch += 1
         removed = [h for h in hashes if h in st.cached_blocks]
         st.cached_blocks.difference_update(removed)
         self._drop_blocks(name, removed)
 
     def clear_blocks(self, name: str) -> None:
         st = self._instances[name]
+        st.cache_epoch += 1
         self._drop_blocks(name, st.cached_blocks)
         st.cached_blocks = set()
 
@@ -151,6 +161,21 @@ class ClusterView:
 
     def hit_tokens(self, name: str, block_hashes: Sequence[int]) -> int:
         return self.hit_blocks(name, block_hashes) * self.block_size
+
+    def request_hit_blocks(self, req: RoutedRequest, name: str) -> int:
+        """``hit_blocks`` for a request, memoised on the request until ``name``'s cache
+        changes: one decision asks for the same count several times (select, queue order,
+        dispatch), and a long prompt costs one set lookup per block."""
+        epoch = self._instances[name].cache_epoch
+        memo = req.hit_memo.get(name)
+        if memo is not None and memo[0] == epoch:
+            return memo[1]
+        hits = self.hit_blocks(name, req.block_hashes)
+        req.hit_memo[name] = (epoch, hits)
+        return hits
+
+    def request_hit_tokens(self, req: RoutedRequest, name: str) -> int:
+        return self.request_hit_blocks(req, name) * self.block_size
 
     def hit_blocks_all(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """Leading cached blocks on every instance holding at least the first block.

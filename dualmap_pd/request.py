@@ -29,6 +29,8 @@ class RoutedRequest:
     queued_uncached: int = 0
     enqueued_at: float = 0.0
     moves: int = 0
+    # instance -> (cache epoch, hit blocks): see ClusterView.request_hit_blocks.
+    hit_memo: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def routing_key(self, depth: int) -> int:
         """The key for a prefix of ``depth`` blocks (the chained hash of its last block)."""

@@ -84,7 +84,7 @@ class PrefillRouter:
 
     def _enqueue(self, req: RoutedRequest, instance: str, now: float) -> None:
         st = self.view[instance]
-        uncached = req.prompt_tokens - self.view.hit_tokens(instance, req.block_hashes)
+        uncached = req.prompt_tokens - self.view.request_hit_tokens(req, instance)
         req.queued_on = instance
         req.queued_uncached = max(0, uncached)
         req.enqueued_at = now
@@ -117,7 +117,7 @@ class PrefillRouter:
             budget = self.policy.ctx.cost.token_budget(self.policy.ctx.slo_ttft, name)
             while st.queue:
                 req = self._requests[st.queue[0][2]]
-                uncached = max(0, req.prompt_tokens - self.view.hit_tokens(name, req.block_hashes))
+                uncached = max(0, req.prompt_tokens - self.view.request_hit_tokens(req, name))
                 if self.policy.late_dispatch and st.engine_pending_requests > 0:
                     if st.engine_pending_requests >= self.limits.max_engine_pending:
                         break

@@ -69,7 +69,7 @@ class DualMapPolicy(PrefillPolicy):
         depth, cands = self.candidates_for(req)
         if not cands:
             raise NoInstanceError("no healthy prefill instance")
-        hits = [view.hit_tokens(c, req.block_hashes) for c in cands]
+        hits = [view.request_hit_tokens(req, c) for c in cands]
         ttfts = [self.estimated_ttft(view[c], req.prompt_tokens - h) for c, h in zip(cands, hits)]
         scores = {c: t for c, t in zip(cands, ttfts)}
         if len(cands) == 1:
@@ -97,7 +97,7 @@ class DualMapPolicy(PrefillPolicy):
 
     def queue_priority(self, req: RoutedRequest, instance: str, view: ClusterView) -> tuple:
         # Longest cache hit first (it is cheapest and its blocks may be evicted), then arrival.
-        return (-view.hit_blocks(instance, req.block_hashes), req.arrival)
+        return (-view.request_hit_blocks(req, instance), req.arrival)
 
     # -- hotspot rebalancing ------------------------------------------------------------------
     def _oldest_wait(self, queued: Sequence[RoutedRequest], now: float) -> float:
@@ -130,7 +130,7 @@ class DualMapPolicy(PrefillPolicy):
                     target = self._backup(r, src, view)
                     if target is None:
                         continue
-                    unc_t = max(0, r.prompt_tokens - view.hit_tokens(target, r.block_hashes))
+                    unc_t = max(0, r.prompt_tokens - view.request_hit_tokens(r, target))
                     t_work = view[target].pending_work_tokens() + added.get(target, 0)
                     gain = pt_src * src_work - cost.per_token_prefill(target) * (t_work + unc_t)
                     if best is None or gain > best[0]:
