@@ -1,0 +1,1 @@
+"""scheduler: the live DualMap routing service, its cluster config and the local vLLM launcher."""
