@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import msgspec
 from aiohttp import web
@@ -37,7 +37,6 @@ HANDOFF_KEY = web.AppKey("handoff", PDHandoff)
 TOKENIZE_INLINE_MAX_CHARS = 32_768
 _encode = msgspec.json.encode
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _tokenize(sched: Scheduler, gen: GenerationRequest) -> list[int]:
@@ -91,10 +90,17 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         outcome = "error"
         sched.metrics.error(err.kind)
         return err.to_response()
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionResetError):
         outcome = "cancelled"
         sched.metrics.error("client_disconnected")
         raise
+    except Exception:
+        # A bug of ours, never the client's input (that is an ApiError): say so, keep serving.
+        log.exception("unhandled error serving %s", request.path)
+        outcome = "error"
+        sched.metrics.error("internal")
+        return ApiError(500, "internal scheduler error", type=errors.SERVER_ERROR,
+                        code="internal_error", kind="internal").to_response()  # fmt: skip
     finally:
         sched.metrics.request_done(endpoint.value, outcome)
 
@@ -137,27 +143,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routing errors (404, 405) and unexpected failures in the OpenAI error format."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        kind = "not_found" if exc.status == 404 else "http_error"
-        request.app[SCHEDULER_KEY].metrics.error(kind)
-        return ApiError(exc.status, exc.reason, code=kind, kind=kind).to_response()
-    except ApiError as err:
-        request.app[SCHEDULER_KEY].metrics.error(err.kind)
-        return err.to_response()
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        request.app[SCHEDULER_KEY].metrics.error("internal")
-        return ApiError(500, "internal scheduler error", type=errors.SERVER_ERROR,
-                        code="internal_error", kind="internal").to_response()  # fmt: skip
+async def fallback(request: web.Request) -> web.Response:
+    """Unknown paths and methods, in the OpenAI error format. A catch-all route rather than a
+    middleware: a middleware would add a coroutine layer to every request."""
+    known = {r.resource.canonical for r in request.app.router.routes()
+             if r.resource is not None and r.handler is not fallback}  # fmt: skip
+    if request.path in known:
+        err = ApiError(405, f"method {request.method} is not allowed on {request.path}",
+                       code="method_not_allowed", kind="method_not_allowed")  # fmt: skip
+    else:
+        err = ApiError(404, f"no such endpoint: {request.path}", code="not_found", kind="not_found")
+    request.app[SCHEDULER_KEY].metrics.error(err.kind)
+    return err.to_response()
 
 
 async def _start(app: web.Application) -> None:
@@ -169,9 +166,7 @@ async def _stop(app: web.Application) -> None:
 
 
 def create_app(scheduler: Scheduler) -> web.Application:
-    app = web.Application(
-        client_max_size=scheduler.options.max_body_bytes, middlewares=[openai_errors]
-    )
+    app = web.Application(client_max_size=scheduler.options.max_body_bytes)
     app[SCHEDULER_KEY] = scheduler
     app[HANDOFF_KEY] = PDHandoff(scheduler)
     app.router.add_post("/v1/completions", completions)
@@ -179,6 +174,7 @@ def create_app(scheduler: Scheduler) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{tail:.*}", fallback)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return app

@@ -9,9 +9,9 @@ Per request (the flow vLLM's NixlConnector expects):
    ``kv_transfer_params``; it pulls the KV over NIXL and generates;
 4. relay its answer: SSE chunks passed through byte for byte, or the JSON body as is.
 
-One ClientSession with keep-alive serves every upstream call. If the client disconnects,
-aiohttp cancels the handler; every upstream response is closed on the way out, which makes
-vLLM abort the request, and the router forgets it.
+Upstream calls go through scheduler.upstream (keep-alive pools, far cheaper than aiohttp's
+client). If the client disconnects, aiohttp cancels the handler; every upstream response is
+closed on the way out, which makes vLLM abort the request, and the router forgets it.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
+from urllib.parse import urlsplit
+
 import msgspec
 from aiohttp import web
 
 from scheduler import errors
+from scheduler.upstream import UpstreamClosed, UpstreamPool, UpstreamProtocolError, UpstreamResponse
 from scheduler.validation import GenerationRequest
 
 if TYPE_CHECKING:
@@ -35,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
-_JSON_HEADERS = {"Content-Type": "application/json"}
 PREFILL_HEADER = "X-DualMap-Prefill-Instance"
 DECODE_HEADER = "X-DualMap-Decode-Instance"
 # One retry on another prefill instance when the chosen one refuses connections.
@@ -94,51 +95,74 @@ def parse_prefill(raw: bytes) -> PrefillResult:
 
 
 class PDClient:
-    """Upstream HTTP to the vLLM engines (one pooled session)."""
+    """Upstream HTTP to the vLLM engines: one keep-alive connection pool per engine, and one
+    sweeper task that times out overdue requests."""
+
+    SWEEP_INTERVAL_S = 0.5
 
     def __init__(self, options: SchedulerOptions) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=options.max_connections, limit_per_host=0, keepalive_timeout=60.0,
-            ttl_dns_cache=300, enable_cleanup_closed=False,
-        )  # fmt: skip
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),  # engines set no cookies; skip the jar work
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=options.connect_timeout_s),
-            skip_auto_headers=("User-Agent",),
-        )
-        self._prefill_timeout = aiohttp.ClientTimeout(
-            total=options.prefill_timeout_s, sock_connect=options.connect_timeout_s
-        )
-        self._decode_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=options.connect_timeout_s,
-            sock_read=options.decode_idle_timeout_s,
-        )  # fmt: skip
+        self._options = options
+        self._pools: dict[str, UpstreamPool] = {}
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="upstream-sweep")
+
+    def _pool(self, base_url: str) -> UpstreamPool:
+        pool = self._pools.get(base_url)
+        if pool is None:
+            parts = urlsplit(base_url)
+            pool = UpstreamPool(
+                parts.hostname or "127.0.0.1", parts.port or 80,
+                connect_timeout=self._options.connect_timeout_s,
+                max_idle=self._options.max_connections,
+            )  # fmt: skip
+            self._pools[base_url] = pool
+        return pool
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.SWEEP_INTERVAL_S)
+            now = loop.time()
+            for pool in self._pools.values():
+                pool.expire(now)
 
     async def close(self) -> None:
-        await self.session.close()
+        self._sweeper.cancel()
+        await asyncio.gather(self._sweeper, return_exceptions=True)
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
-    async def healthy(self, url: str) -> bool:
+    async def healthy(self, base_url: str) -> bool:
         try:
-            async with self.session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            resp = await self._pool(base_url).request("GET", "/health", timeout=2.0)
+            await resp.read()
+            return resp.status == 200
+        except OSError:  # refused, reset, closed, timed out (all OSError subclasses)
             return False
 
-    async def prefill(self, url: str, body: bytes) -> tuple[int, bytes]:
+    async def prefill(self, base_url: str, path: str, body: bytes) -> tuple[int, bytes]:
         try:
-            async with self.session.post(url, data=body, headers=_JSON_HEADERS,
-                                         timeout=self._prefill_timeout) as resp:  # fmt: skip
+            resp = await self._pool(base_url).request(
+                "POST", path, body, timeout=self._options.prefill_timeout_s
+            )
+            try:
                 return resp.status, await resp.read()
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            finally:
+                resp.close()  # no-op once read; aborts the engine request otherwise
+        except UpstreamClosed as exc:
+            raise InstanceUnreachable(str(exc)) if not exc.partial else exc
+        except (ConnectionRefusedError, ConnectionResetError) as exc:
             raise InstanceUnreachable(str(exc)) from exc
 
-    async def open_decode(self, url: str, body: bytes) -> aiohttp.ClientResponse:
+    async def open_decode(self, base_url: str, path: str, body: bytes) -> UpstreamResponse:
         """The decode response, headers read; the caller must release or close it."""
         try:
-            return await self.session.post(url, data=body, headers=_JSON_HEADERS,
-                                           timeout=self._decode_timeout)  # fmt: skip
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            return await self._pool(base_url).request(
+                "POST", path, body, idle_timeout=self._options.decode_idle_timeout_s
+            )
+        except UpstreamClosed as exc:
+            raise InstanceUnreachable(str(exc)) if not exc.partial else exc
+        except (ConnectionRefusedError, ConnectionResetError) as exc:
             raise InstanceUnreachable(str(exc)) from exc
 
 
@@ -160,19 +184,21 @@ class PDHandoff:
             body = decode_body(gen.body, result.kv_transfer_params)
             headers = {PREFILL_HEADER: prefill_instance, DECODE_HEADER: decode_instance}
             try:
-                upstream = await sched.client.open_decode(sched.instance_url(decode_instance) + path, body)
+                upstream = await sched.client.open_decode(sched.instance_url(decode_instance), path, body)
             except InstanceUnreachable as exc:
                 sched.mark_unhealthy(decode_instance)
                 raise errors.upstream_failure("decode", decode_instance, str(exc)) from None
-            except asyncio.TimeoutError:
-                raise errors.upstream_failure("decode", decode_instance, "timed out") from None
+            except (asyncio.TimeoutError, OSError) as exc:
+                raise errors.upstream_failure("decode", decode_instance, str(exc) or "timed out") from None
             try:
                 if upstream.status != 200:
                     raise errors.from_upstream("decode", upstream.status, await upstream.read())
                 if gen.stream:
                     return await self._relay_stream(http, upstream, headers, arrival)
-                data = await upstream.read()
-                upstream.release()
+                try:
+                    data = await upstream.read()
+                except (asyncio.TimeoutError, OSError) as exc:
+                    raise errors.upstream_failure("decode", decode_instance, str(exc) or "timed out") from None
                 sched.metrics.e2e_by_stream[False].observe(sched.clock() - arrival)
                 return web.Response(body=data, content_type="application/json", headers=headers)
             finally:
@@ -191,16 +217,16 @@ class PDHandoff:
             predicted_hit = sched.predicted_hit_tokens(instance, routed)
             started = sched.clock()
             try:
-                status, raw = await sched.client.prefill(sched.instance_url(instance) + path, body)
+                status, raw = await sched.client.prefill(sched.instance_url(instance), path, body)
             except InstanceUnreachable as exc:
                 sched.abort_prefill(routed)
                 sched.mark_unhealthy(instance)
                 if attempts_left > 0:
                     continue  # re-admitted: the router now skips the dead instance
                 raise errors.upstream_failure("prefill", instance, str(exc)) from None
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, OSError) as exc:
                 sched.abort_prefill(routed)
-                raise errors.upstream_failure("prefill", instance, "timed out") from None
+                raise errors.upstream_failure("prefill", instance, str(exc) or "timed out") from None
             except BaseException:
                 sched.abort_prefill(routed)  # cancelled: the client is gone
                 raise
@@ -218,7 +244,7 @@ class PDHandoff:
                 sched.metrics.error("missing_kv_transfer_params")
             return instance, result
 
-    async def _relay_stream(self, http: web.Request, upstream: aiohttp.ClientResponse,
+    async def _relay_stream(self, http: web.Request, upstream: UpstreamResponse,
                             headers: dict[str, str], arrival: float) -> web.StreamResponse:  # fmt: skip
         sched = self.scheduler
         out = web.StreamResponse(
@@ -227,18 +253,16 @@ class PDHandoff:
         await out.prepare(http)
         first = True
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_chunks():
                 if first:
                     sched.metrics.ttft_by_stream[True].observe(sched.clock() - arrival)
                     first = False
                 await out.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        except (UpstreamClosed, UpstreamProtocolError, asyncio.TimeoutError) as exc:
             # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
             sched.metrics.error("upstream_decode_stream")
             err = errors.upstream_failure("decode", headers[DECODE_HEADER], str(exc) or "stream broke")
             await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
-        else:
-            upstream.release()
         await out.write_eof()
         sched.metrics.e2e_by_stream[True].observe(sched.clock() - arrival)
         return out

@@ -188,7 +188,7 @@ class Scheduler:
                     self.router.finish_prefill(req.request_id, now)
                     released = True
                     continue
-                self.metrics.queue_wait.observe(max(0.0, now - req.enqueued_at))
+                self.metrics.queue_wait_series.observe(max(0.0, now - req.enqueued_at))
                 fut.set_result(instance)
             if not released:
                 return
