@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dualmap_pd.cluster import ClusterView, InstanceState, Role
 from dualmap_pd.cost import CostModel, get_profile
@@ -30,10 +30,15 @@ from dualmap_pd.router import DispatchLimits, PrefillRouter
 from scheduler import errors
 from scheduler.config import ClusterConfig
 from scheduler.pd_client import PDClient
-from scheduler.prom import SchedulerMetrics
+from scheduler.prom import KVTransferTotals, SchedulerMetrics
 from scheduler.tokenization import PromptTokenizer
 
+if TYPE_CHECKING:
+    from scheduler.engine_metrics import EngineSnapshot
+
 log = logging.getLogger(__name__)
+# A scrape can fail once under load; three in a row (3 s at the poller's 1 s cadence) is down.
+UNHEALTHY_AFTER_FAILED_SCRAPES = 3
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,19 @@ class Scheduler:
                         self.view.set_health(st.name, True)
                         self._dispatch(self.clock())
 
+    def on_engine_snapshot(self, snap: EngineSnapshot) -> None:
+        """One /metrics scrape of an engine (from the poller)."""
+        if not snap.ok:
+            if snap.consecutive_failures >= UNHEALTHY_AFTER_FAILED_SCRAPES:
+                self.mark_unhealthy(snap.instance)
+            return
+        if snap.nixl_bytes_transferred_sum is not None:
+            self.metrics.kv_transfer[snap.instance] = KVTransferTotals(
+                bytes=snap.nixl_bytes_transferred_sum,
+                seconds=snap.nixl_xfer_time_sum or 0.0,
+                transfers=snap.nixl_transfers or 0.0,
+            )
+
     # -- views ------------------------------------------------------------------------------
     def estimated_ttft(self, st: InstanceState) -> float:
         return self.prefill_policy.estimated_ttft(st, 0)
@@ -302,10 +320,14 @@ def default_intake(kv_events: bool = True, engine_metrics: bool = True) -> Intak
 
 
 def engine_metrics_services(scheduler: Scheduler) -> list[BackgroundService]:
-    """The engines' /metrics poller, feeding load into the view and NIXL totals into /metrics."""
-    try:
-        import scheduler.engine_metrics  # noqa: F401
-    except ImportError:
-        log.warning("scheduler.engine_metrics is not available; engine metrics are not polled")
-        return []
-    return []
+    """The engines' /metrics poller: load (kv usage) into the view, NIXL totals into our
+    /metrics, and repeated scrape failures into instance health."""
+    from scheduler.engine_metrics import EngineMetricsPoller
+
+    cfg = scheduler.config
+    poller = EngineMetricsPoller(
+        scheduler.view, {inst.name: inst.url for inst in cfg.instances},
+        model_name=cfg.served_model_name,
+    )  # fmt: skip
+    poller.add_listener(scheduler.on_engine_snapshot)
+    return [poller]

@@ -4,104 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
 
-from scheduler.app import bound_port, create_app, start_site
-from scheduler.config import config_from_dict
-from scheduler.service import Scheduler, SchedulerOptions
-from scheduler.tokenization import ChatOptions
 from tests.fakes.openai_server import FakeOpenAIServer, FakeServerConfig, Fault
-
-MODEL = "fake-model"
-BLOCK = 16
-MAX_MODEL_LEN = 256
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte (+4), BOS = 1: enough to exercise hashing and length checks."""
-
-    vocab_size = 260
-
-    def encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
-        ids = [b + 4 for b in text.encode()]
-        return [1, *ids] if add_special_tokens else ids
-
-    def render_chat(self, messages: Sequence[dict[str, Any]], options: ChatOptions) -> str:
-        text = "".join(f"<{m['role']}>{m.get('content') or ''}" for m in messages)
-        return text + ("<assistant>" if options.add_generation_prompt else "")
-
-
-@dataclass
-class Harness:
-    scheduler: Scheduler
-    url: str
-    client: aiohttp.ClientSession
-    prefill: list[FakeOpenAIServer]
-    decode: list[FakeOpenAIServer]
-
-    async def post(self, path: str, body: Any, **kw: Any) -> tuple[int, dict[str, Any], Any]:
-        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        async with self.client.post(self.url + path, data=data,
-                                    headers={"Content-Type": "application/json"}, **kw) as r:  # fmt: skip
-            text = await r.text()
-            try:
-                payload = json.loads(text)
-            except ValueError:
-                payload = text
-            return r.status, dict(r.headers), payload
-
-
-@asynccontextmanager
-async def cluster(
-    n_prefill: int = 2,
-    n_decode: int = 1,
-    prefill_config: FakeServerConfig | None = None,
-    decode_config: FakeServerConfig | None = None,
-    **options: Any,
-) -> AsyncIterator[Harness]:
-    prefill = [await FakeOpenAIServer(prefill_config or FakeServerConfig()).start() for _ in range(n_prefill)]
-    decode = [await FakeOpenAIServer(decode_config or FakeServerConfig()).start() for _ in range(n_decode)]
-    cfg = config_from_dict({
-        "model": "/nonexistent/fake-model", "served_model_name": MODEL, "block_size": BLOCK,
-        "max_model_len": MAX_MODEL_LEN,
-        "prefill": [{"name": f"prefill-{i}", "port": s.port, "nixl_side_channel_port": 40100 + i,
-                     "kv_events_port": 40200 + i} for i, s in enumerate(prefill)],
-        "decode": [{"name": f"decode-{i}", "port": s.port, "nixl_side_channel_port": 40300 + i}
-                   for i, s in enumerate(decode)],
-    })  # fmt: skip
-    opts = SchedulerOptions(health_interval_s=0.1, max_body_bytes=64 * 1024, **options)
-    sched = Scheduler(cfg, ByteTokenizer(), options=opts)
-    runner = await start_site(create_app(sched), "127.0.0.1", 0)
-    try:
-        async with aiohttp.ClientSession() as client:
-            yield Harness(sched, f"http://127.0.0.1:{bound_port(runner)}", client, prefill, decode)
-    finally:
-        await runner.cleanup()
-        for s in prefill + decode:
-            await s.stop()
-
-
-def run(coro: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(coro(), timeout=30))
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
-def completion(prompt: Any = "hello world", **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": prompt, "max_tokens": 4, **extra}
+from tests.service_harness import BLOCK, MAX_MODEL_LEN, MODEL, cluster, completion, eventually, run
 
 
 # --- the P/D flow ---------------------------------------------------------------------------
