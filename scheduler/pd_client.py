@@ -39,8 +39,9 @@ _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 PREFILL_HEADER = "X-DualMap-Prefill-Instance"
 DECODE_HEADER = "X-DualMap-Decode-Instance"
-# One retry on another prefill instance when the chosen one refuses connections.
+# One retry on another instance when the chosen one refuses connections (it is down).
 PREFILL_ATTEMPTS = 2
+DECODE_ATTEMPTS = 2
 
 
 @dataclass(slots=True)
@@ -92,6 +93,13 @@ def parse_prefill(raw: bytes) -> PrefillResult:
         # --enable-prompt-tokens-details is off.
         cached = kv["remote_prefill_cached_tokens"]
     return PrefillResult(kv if isinstance(kv, dict) else None, cached)
+
+
+async def _read(upstream: UpstreamResponse, headers: dict[str, str]) -> bytes:
+    try:
+        return await upstream.read()
+    except OSError as exc:  # reset, closed early, timed out (all OSError subclasses)
+        raise errors.upstream_failure("decode", headers[DECODE_HEADER], str(exc) or "timed out") from None
 
 
 class PDClient:
@@ -179,32 +187,40 @@ class PDHandoff:
         prefill_instance, result = await self._prefill(routed, gen, path)
         if not gen.stream:
             sched.metrics.ttft_by_stream[False].observe(sched.clock() - arrival)
-        decode_instance, load = sched.acquire_decode(routed)
-        try:
-            body = decode_body(gen.body, result.kv_transfer_params)
-            headers = {PREFILL_HEADER: prefill_instance, DECODE_HEADER: decode_instance}
+        body = decode_body(gen.body, result.kv_transfer_params)
+        attempts_left = DECODE_ATTEMPTS
+        while True:
+            attempts_left -= 1
+            decode_instance, load = sched.acquire_decode(routed)
             try:
-                upstream = await sched.client.open_decode(sched.instance_url(decode_instance), path, body)
-            except InstanceUnreachable as exc:
-                sched.mark_unhealthy(decode_instance)
-                raise errors.upstream_failure("decode", decode_instance, str(exc)) from None
-            except (asyncio.TimeoutError, OSError) as exc:
-                raise errors.upstream_failure("decode", decode_instance, str(exc) or "timed out") from None
-            try:
-                if upstream.status != 200:
-                    raise errors.from_upstream("decode", upstream.status, await upstream.read())
-                if gen.stream:
-                    return await self._relay_stream(http, upstream, headers, arrival)
                 try:
-                    data = await upstream.read()
-                except (asyncio.TimeoutError, OSError) as exc:
+                    upstream = await sched.client.open_decode(sched.instance_url(decode_instance), path, body)
+                except InstanceUnreachable as exc:
+                    sched.mark_unhealthy(decode_instance)
+                    if attempts_left > 0:
+                        continue  # another decoder pulls the same KV from the prefill instance
+                    raise errors.upstream_failure("decode", decode_instance, str(exc)) from None
+                except OSError as exc:  # timed out, or reset after a partial answer
                     raise errors.upstream_failure("decode", decode_instance, str(exc) or "timed out") from None
-                sched.metrics.e2e_by_stream[False].observe(sched.clock() - arrival)
-                return web.Response(body=data, content_type="application/json", headers=headers)
+                headers = {PREFILL_HEADER: prefill_instance, DECODE_HEADER: decode_instance}
+                try:
+                    return await self._answer(http, gen, upstream, headers, arrival)
+                finally:
+                    upstream.close()  # no-op once released; aborts the engine request otherwise
             finally:
-                upstream.close()  # no-op once released; aborts the engine request otherwise
-        finally:
-            sched.release_decode(decode_instance, load)
+                sched.release_decode(decode_instance, load)
+
+    async def _answer(self, http: web.Request, gen: GenerationRequest, upstream: UpstreamResponse,
+                      headers: dict[str, str], arrival: float) -> web.StreamResponse:  # fmt: skip
+        if upstream.status != 200:
+            raise errors.from_upstream("decode", upstream.status, await _read(upstream, headers))
+        if gen.stream:
+            return await self._relay_stream(http, upstream, headers, arrival)
+        data = await _read(upstream, headers)
+        sched = self.scheduler
+        sched.metrics.e2e_by_stream[False].observe(sched.clock() - arrival)
+        headers["Content-Type"] = "application/json"
+        return web.Response(body=data, headers=headers)
 
     async def _prefill(self, routed: RoutedRequest, gen: GenerationRequest,
                        path: str) -> tuple[str, PrefillResult]:  # fmt: skip

@@ -333,7 +333,14 @@ class UpstreamPool:
         return None
 
     def expire(self, now: float) -> None:
-        """Time out overdue requests (called periodically by the owner)."""
+        """Time out overdue requests and drop stale idle connections (called periodically)."""
+        keep: list[_Connection] = []
+        for conn in self._idle:
+            if not conn.closed and now - conn.idle_since < self.max_idle_s:
+                keep.append(conn)
+            else:
+                conn.abort()
+        self._idle = keep
         for conn in list(self._active):
             if conn.busy:
                 conn.expire(now)

@@ -250,6 +250,23 @@ def test_dead_prefill_instance_is_routed_around_and_comes_back() -> None:
     run(body)
 
 
+def test_dead_decode_instance_is_retried_on_another() -> None:
+    async def body() -> None:
+        async with cluster(n_decode=2) as h:
+            await h.decode[0].stop()
+            for i in range(4):
+                status, headers, answer = await h.post("/v1/completions", completion(f"d{i}"))
+                assert status == 200, answer
+                assert headers["X-DualMap-Decode-Instance"] == "decode-1"
+            view = h.scheduler.view
+            assert not view["decode-0"].healthy
+            assert view["decode-0"].running_requests == view["decode-1"].running_requests == 0
+            # The retry reused the prefill's KV params: one prefill per request.
+            assert sum(len(s.requests) for s in h.prefill) == 4
+
+    run(body)
+
+
 def test_models_health_and_metrics_endpoints() -> None:
     async def body() -> None:
         async with cluster() as h:
