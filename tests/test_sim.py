@@ -58,6 +58,14 @@ def test_tile_trace_shifts_time_and_ids() -> None:
     assert not (ids_per_copy[0] & ids_per_copy[1]) and not (ids_per_copy[1] & ids_per_copy[2])
 
 
+def test_tile_trace_interleaved_keeps_each_copy_s_timing() -> None:
+    recs = [TraceRecord(0.0, 600, 2, [0]), TraceRecord(1000.0, 600, 2, [1]), TraceRecord(2000.0, 600, 2, [2])]
+    tiled = tile_trace(recs, 4, interleave=True)
+    assert [r.timestamp for r in tiled[:5]] == [0.0, 250.0, 500.0, 750.0, 1000.0]  # gap / copies apart
+    assert [r.hash_ids[0] for r in tiled[:5]] == [0, 3, 6, 9, 1]
+    assert tiled[-1].timestamp == 2750.0
+
+
 def test_default_warmup() -> None:
     assert default_warmup(3993) == 500 and default_warmup(1000) == 100 and default_warmup(5) == 0
 

@@ -34,13 +34,19 @@ def default_warmup(n_requests: int) -> int:
     return n_requests // 10
 
 
-def tile_trace(records: Sequence[TraceRecord], times: int) -> list[TraceRecord]:
-    """The trace repeated ``times`` times back to back, as one longer trace.
+def tile_trace(records: Sequence[TraceRecord], times: int, interleave: bool = False) -> list[TraceRecord]:
+    """The trace repeated ``times`` times, as one larger trace.
 
-    Copy k is shifted in time by k x (span + mean inter-arrival gap), so the arrival rate stays
-    the trace's own, and its hash ids are shifted by k x (largest id + 1), so copies share no
-    prefix with each other (each copy reuses only within itself, as the original does). Used to
-    build the 12k- and 100k-request speed workloads from the 3,993-request synthetic trace.
+    Copy k's hash ids are shifted by k x (largest id + 1), so copies share no prefix with each
+    other (each reuses only within itself, as the original does).
+
+    Back to back (default): copy k is shifted in time by k x (span + mean inter-arrival gap),
+    so the arrival rate stays the trace's own and the trace gets ``times`` times longer (the
+    12k-request workload). Interleaved: copy k is shifted by k x gap / times, so all copies run
+    over the same span and the rate is ``times`` times higher while each prefix keeps its own
+    rate: the workload of a cluster with more users, not of faster users (the 100k-request,
+    1,024-instance workload; compressing a back-to-back tiling instead would send every shared
+    prefix 128x faster at its two DualMap candidates).
     """
     if times < 1:
         raise ValueError(f"times must be >= 1, got {times}")
@@ -49,7 +55,7 @@ def tile_trace(records: Sequence[TraceRecord], times: int) -> list[TraceRecord]:
         return list(recs)
     span = recs[-1].timestamp - recs[0].timestamp
     gap = span / (len(recs) - 1) if len(recs) > 1 else 1000.0
-    period = span + gap
+    period = gap / times if interleave else span + gap
     id_stride = 1 + max((max(r.hash_ids) for r in recs if r.hash_ids), default=0)
     out: list[TraceRecord] = []
     for k in range(times):
@@ -63,6 +69,8 @@ def tile_trace(records: Sequence[TraceRecord], times: int) -> list[TraceRecord]:
                     hash_ids=[h + did for h in r.hash_ids],
                 )
             )
+    if interleave:
+        out.sort(key=lambda r: r.timestamp)  # stable: equal times keep copy order
     return out
 
 
