@@ -24,7 +24,6 @@ an occasional 1-2 s KV-transfer completion delay while the decode's core is satu
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -40,15 +39,16 @@ from typing import IO
 
 from scheduler.config import ClusterConfig, ConfigError, InstanceConfig
 from scheduler.proctree import (
-    alive,
-    die_with_parent,
     SPINNER_POLICIES,
+    alive,
+    deprioritize,
+    die_with_parent,
     find_spinning_threads,
     process_tree,
-    deprioritize,
     set_tree_affinity,
     signal_tree,
 )
+from scheduler.vllm_cmd import instance_dir, server_command, server_env
 
 LOG_TAIL_LINES = 40
 
@@ -72,76 +72,6 @@ class ServerProcess:
     @property
     def startup_seconds(self) -> float | None:
         return None if self.healthy_at is None else self.healthy_at - self.started_at
-
-
-# ---------------------------------------------------------------- command line and environment
-
-
-def server_command(cfg: ClusterConfig, inst: InstanceConfig, python: str) -> list[str]:
-    """The vLLM command line for one instance."""
-    kv_transfer: dict[str, object] = {
-        "kv_connector": "NixlConnector",
-        "kv_role": "kv_producer" if inst.role == "prefill" else "kv_consumer",
-        "kv_buffer_device": "cpu",
-    }
-    if cfg.engine.kv_lease_duration is not None:
-        kv_transfer["kv_connector_extra_config"] = {
-            "kv_lease_duration": cfg.engine.kv_lease_duration
-        }
-    cmd = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(cfg.model),
-        "--served-model-name", cfg.served_model_name,
-        "--host", inst.host,
-        "--port", str(inst.port),
-        "--block-size", str(cfg.block_size),
-        "--max-model-len", str(cfg.max_model_len),
-        "--enable-prefix-caching",
-        "--kv-transfer-config", json.dumps(kv_transfer),
-    ]  # fmt: skip
-    if cfg.engine.enforce_eager:
-        cmd.append("--enforce-eager")
-    if cfg.engine.num_gpu_blocks_override is not None:
-        cmd += ["--num-gpu-blocks-override", str(cfg.engine.num_gpu_blocks_override)]
-    if inst.kv_events_port is not None:
-        events: dict[str, object] = {
-            "enable_kv_cache_events": True,
-            "publisher": "zmq",
-            # "*" makes the server bind; subscribers connect to host:port.
-            "endpoint": f"tcp://*:{inst.kv_events_port}",
-            "topic": "kv-events",
-        }
-        if inst.kv_events_replay_port is not None:
-            events["replay_endpoint"] = f"tcp://*:{inst.kv_events_replay_port}"
-        cmd += ["--kv-events-config", json.dumps(events)]
-    cmd += list(cfg.engine.extra_args)
-    return cmd
-
-
-def instance_dir(cfg: ClusterConfig, inst: InstanceConfig) -> Path:
-    return cfg.run_dir / inst.name
-
-
-def server_env(cfg: ClusterConfig, inst: InstanceConfig) -> dict[str, str]:
-    """Environment for one server: private cache/socket dirs so servers never share files."""
-    base = instance_dir(cfg, inst)
-    env = dict(os.environ)
-    env.update(
-        VLLM_CACHE_ROOT=str(base / "vllm-cache"),
-        XDG_CACHE_HOME=str(base / "cache"),
-        TMPDIR=str(base / "tmp"),
-        VLLM_RPC_BASE_PATH=str(base / "rpc"),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        VLLM_NO_USAGE_STATS="1",
-        VLLM_CPU_KVCACHE_SPACE=str(cfg.engine.kv_cache_space_gib),
-        VLLM_NIXL_SIDE_CHANNEL_HOST=inst.host,
-        VLLM_NIXL_SIDE_CHANNEL_PORT=str(inst.nixl_side_channel_port),
-        PYTHONUNBUFFERED="1",  # log lines reach server.log as they happen
-    )
-    if inst.cpus is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = inst.cpus
-    return env
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -203,6 +133,12 @@ class LocalCluster:
 
     def start(self, names: list[str] | None = None) -> None:
         """Start every configured instance (or only ``names``) that is not running yet."""
+        if not (self.config.model / "config.json").is_file():
+            # Checked here, not in the config: fakes-only tests use configs with no real model.
+            raise LaunchError(
+                f"no model at {self.config.model} (no config.json); build the tiny one with "
+                f"`dualmap-pd build-tiny-model --out {self.config.model}`"
+            )
         wanted = [i for i in self.config.instances if names is None or i.name in names]
         if names is not None and len(wanted) != len(set(names)):
             known = ", ".join(i.name for i in self.config.instances)
@@ -232,10 +168,16 @@ class LocalCluster:
     def wait_healthy(self, timeout: float = 600.0, names: list[str] | None = None) -> None:
         """Block until every started server (or ``names``) answers /health with 200.
 
-        Raises LaunchError quoting the log tail of a server that exited or timed out.
+        Servers already seen healthy are skipped: re-probing them could take a busy compute
+        thread for a spinner. Raises LaunchError quoting the log tail of a server that exited
+        or timed out.
         """
         deadline = time.monotonic() + timeout
-        pending = [s for n, s in self.servers.items() if names is None or n in names]
+        pending = [
+            s
+            for n, s in self.servers.items()
+            if s.healthy_at is None and (names is None or n in names)
+        ]
         while True:
             for srv in list(pending):
                 code = srv.proc.poll()
@@ -376,15 +318,20 @@ def run_launch(
 ) -> int:
     """Start the cluster, report when healthy, then supervise until a signal or a crash.
 
-    SIGTERM/SIGHUP are turned into SystemExit so the ``finally`` stops every server exactly as
-    Ctrl-C (KeyboardInterrupt) does; further signals are ignored while stopping, so an impatient
+    SIGTERM/SIGHUP are turned into SystemExit (SIGINT into KeyboardInterrupt) so the ``finally``
+    stops every server; further signals are ignored while stopping, so an impatient
     second Ctrl-C cannot leave half-stopped servers behind.
     """
 
     def _exit(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then never
+    # installs its KeyboardInterrupt handler, so `kill -INT` would silently do nothing.
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _exit) for sig in handled}
     cluster = LocalCluster(config, pin=pin, spinners=spinners)
     t0 = time.monotonic()
     try:
@@ -415,10 +362,10 @@ def run_launch(
     except KeyboardInterrupt:
         return 130
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in handled:
             signal.signal(sig, signal.SIG_IGN)
         print("stopping servers...", file=out, flush=True)
         cluster.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("all servers stopped", file=out, flush=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
