@@ -82,10 +82,10 @@ async def _load(host: str, port: int, bodies: list[bytes], concurrency: int, war
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
     latencies: list[float] = []
-    failures = 0
+    failures = completed = 0
 
     async def worker(offset: int) -> None:
-        nonlocal failures
+        nonlocal failures, completed
         reader, writer = await asyncio.open_connection(host, port)
         i = offset
         while (now := time.perf_counter()) < stop_at:
@@ -98,6 +98,7 @@ async def _load(host: str, port: int, bodies: list[bytes], concurrency: int, war
                     length = int(line[15:])
             await reader.readexactly(length)
             done = time.perf_counter()
+            completed += 1
             if not head.startswith(b"HTTP/1.1 200"):
                 failures += 1
             elif now >= measure_from:
@@ -107,6 +108,7 @@ async def _load(host: str, port: int, bodies: list[bytes], concurrency: int, war
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return {
         "requests": len(latencies),
+        "requests_incl_warmup": completed,
         "failures": failures,
         "req_per_s": len(latencies) / duration,
         "p50_ms": _pct(latencies, 0.50) * 1e3,
@@ -116,6 +118,12 @@ async def _load(host: str, port: int, bodies: list[bytes], concurrency: int, war
 
 
 # --- orchestration --------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pin(cpu: str | None) -> list[str]:
@@ -177,12 +185,17 @@ def throughput(args: argparse.Namespace) -> dict[str, object]:
             path.write_text(yaml.safe_dump(cfg))
             port = _free_port()
             sched = _start_scheduler(path, port, args)
+            cpu_before = _cpu_seconds(sched.pid)
             load = subprocess.run(
                 [*_pin(args.aux_cpu), *me, "_load", str(port), str(args.concurrency), str(args.warmup),
                  str(args.duration), str(args.prompt_words), str(args.max_tokens)],
                 env=env, capture_output=True, check=True,
             )  # fmt: skip
             result = json.loads(load.stdout)
+            cpu = _cpu_seconds(sched.pid) - cpu_before
+            # CPU per request is what "one core" buys, however busy the machine is.
+            result["scheduler_cpu_us_per_request"] = cpu / max(1, result["requests_incl_warmup"]) * 1e6
+            result["one_core_capacity_req_per_s"] = result["requests_incl_warmup"] / cpu if cpu else None
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
                 metrics = r.read().decode()
         result["decisions"] = [ln for ln in metrics.splitlines() if ln.startswith("dualmap_decisions_total")]
@@ -236,16 +249,22 @@ async def _added_latency(args: argparse.Namespace, sched_url: str) -> dict[str, 
             order = [("d", by_hand(bodies[0], k)), ("s", via_scheduler(bodies[1]))]
             if k % 2:
                 order.reverse()
+            times = {}
             for kind, coro in order:
-                dt = await coro
-                if k >= 2:  # first rounds warm connections and caches
-                    (direct if kind == "d" else routed).append(dt)
+                times[kind] = await coro
+            if k >= 2:  # first rounds warm connections and caches
+                direct.append(times["d"])
+                routed.append(times["s"])
+    paired = [r - d for r, d in zip(routed, direct)]
     return {
         "requests_each": len(direct),
         "direct_p50_ms": _pct(direct, 0.5) * 1e3, "direct_p99_ms": _pct(direct, 0.99) * 1e3,
         "scheduler_p50_ms": _pct(routed, 0.5) * 1e3, "scheduler_p99_ms": _pct(routed, 0.99) * 1e3,
         "added_p50_ms": (_pct(routed, 0.5) - _pct(direct, 0.5)) * 1e3,
         "added_p99_ms": (_pct(routed, 0.99) - _pct(direct, 0.99)) * 1e3,
+        # Same-round differences cancel most machine-load drift between the two paths.
+        "paired_added_p50_ms": _pct(paired, 0.5) * 1e3,
+        "paired_added_p90_ms": _pct(paired, 0.9) * 1e3,
     }  # fmt: skip
 
 
