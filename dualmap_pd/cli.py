@@ -17,10 +17,13 @@ import sys
 import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from dualmap_pd.sim.config import CAPACITY_EXCLUDED, CapacitySearch, ConfigError, SimConfig
 from dualmap_pd.sim.dataclass_args import add_dataclass_arguments, dataclass_from_args
+
+if TYPE_CHECKING:
+    from dualmap_pd.sim.workload import PreparedTrace
 
 PLUGIN_GROUP = "dualmap_pd.commands"
 BUILTIN_COMMANDS = ("sim", "capacity")
@@ -107,7 +110,7 @@ def _first_command(argv: Sequence[str]) -> str | None:
 
 
 # -- commands --------------------------------------------------------------------------------------
-def _load_trace(cfg: SimConfig):
+def _load_trace(cfg: SimConfig) -> PreparedTrace:
     from dualmap_pd.sim.workload import load_prepared
     from dualmap_pd.trace import TraceError
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -175,7 +175,3 @@ class CapacitySearch:
         if unknown:
             raise ConfigError(f"unknown policy {unknown[0]!r}; known: {', '.join(known)}")
         return list(dict.fromkeys(names))
-
-
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]

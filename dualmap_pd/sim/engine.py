@@ -125,7 +125,7 @@ class Engine:
         if self.busy:
             raise RuntimeError(f"{self.name}: plan() while a step is in flight")
         n = len(self._decoding)
-        chunks = self._allocate_chunks(n) if (self.waiting or self.prefilling) else []
+        chunks = self._allocate_chunks(n, now) if (self.waiting or self.prefilling) else []
         if chunks:
             computed = 0
             cached = 0
@@ -151,7 +151,7 @@ class Engine:
         self.end_time = now + duration if duration >= 0 else self._run_end(steps)
         return self.end_time
 
-    def _allocate_chunks(self, n_decoding: int) -> list[tuple[SimRequest, int]]:
+    def _allocate_chunks(self, n_decoding: int, now: float) -> list[tuple[SimRequest, int]]:
         budget = self._max_batch_tokens - n_decoding
         chunks: list[tuple[SimRequest, int]] = []
         for req in self.prefilling:
@@ -162,13 +162,13 @@ class Engine:
             budget -= take
         while budget > 0 and self.waiting:
             req = self.waiting.popleft()
-            self._start_prefill(req)
+            self._start_prefill(req, now)
             take = min(req.remaining_prefill, budget)
             chunks.append((req, take))
             budget -= take
         return chunks
 
-    def _start_prefill(self, req: SimRequest) -> None:
+    def _start_prefill(self, req: SimRequest, now: float) -> None:
         cache = self.cache
         if cache is None:
             raise RuntimeError(f"{self.name} is a decode-only engine")
@@ -179,6 +179,7 @@ class Engine:
         req.hit_tokens = req.prompt_tokens - uncached
         req.remaining_prefill = uncached
         req.prefill_instance = self.name
+        req.prefill_started_at = now
         self.prefilling.append(req)
         self.hold(req)
 

@@ -33,7 +33,7 @@ from dualmap_pd.sim.engine import Engine
 from dualmap_pd.sim.events import Arrival, Event, KVTransferDone, StepDone
 from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.sim.state import SimRequest
-from dualmap_pd.sim.workload import PreparedTrace, default_warmup
+from dualmap_pd.sim.workload import PreparedTrace, default_warmup, load_prepared
 from dualmap_pd.trace import ArrivalScaling, arrival_times
 
 # progress(completed, total, simulated time)
@@ -174,6 +174,7 @@ class Simulator:
             self.schedule(self.arrivals[index + 1], Arrival(index + 1))
         moves = self.router.stats.moves
         decision = self.router.admit(routed, now)
+        req.branch = decision.branch
         # Rebalancing may have moved queued requests anywhere: then look at every queue.
         self._dispatch(now, [decision.instance] if self.router.stats.moves == moves else None)
 
@@ -288,8 +289,6 @@ class Simulator:
 
 def simulate(config: SimConfig, trace: PreparedTrace | None = None, progress: ProgressFn | None = None) -> SimResult:
     """Validate ``config``, load its trace unless given, and run one simulation."""
-    from dualmap_pd.sim.workload import load_prepared
-
     config.validate()
     if trace is None:
         trace = load_prepared(config.trace, config.requests, config.tile)

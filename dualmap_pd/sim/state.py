@@ -19,6 +19,8 @@ class SimRequest:
     hit_tokens: int = 0  # prompt tokens served from the prefix cache (known at prefill start)
     uncached_tokens: int = 0  # prompt tokens computed
     remaining_prefill: int = 0
+    branch: str = ""  # the policy's decision label at admission
+    prefill_started_at: float = -1.0  # first chunk scheduled (queueing ends)
     first_token_at: float = -1.0  # prefill completion
     finished_at: float = -1.0  # last token
     kv_bytes_moved: int = 0  # P->D transfer (disaggregated)
