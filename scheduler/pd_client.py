@@ -184,7 +184,7 @@ class PDHandoff:
         sched = self.scheduler
         routed = sched.new_request(gen.prompt_ids or [], gen.max_tokens, arrival)
         path = gen.endpoint.path
-        prefill_instance, result = await self._prefill(routed, gen, path)
+        prefill_instance, result, prefill_rtt = await self._prefill(routed, gen, path)
         if not gen.stream:
             sched.metrics.ttft_by_stream[False].observe(sched.clock() - arrival)
         body = decode_body(gen.body, result.kv_transfer_params)
@@ -193,6 +193,7 @@ class PDHandoff:
             attempts_left -= 1
             decode_instance, load = sched.acquire_decode(routed)
             try:
+                decode_started = sched.clock()
                 try:
                     upstream = await sched.client.open_decode(sched.instance_url(decode_instance), path, body)
                 except InstanceUnreachable as exc:
@@ -204,26 +205,31 @@ class PDHandoff:
                     raise errors.upstream_failure("decode", decode_instance, str(exc) or "timed out") from None
                 headers = {PREFILL_HEADER: prefill_instance, DECODE_HEADER: decode_instance}
                 try:
-                    return await self._answer(http, gen, upstream, headers, arrival)
+                    # What the scheduler itself added so far: everything but the prefill round
+                    # trip (parsing, tokenizing, late-dispatch queueing, routing).
+                    overhead = decode_started - arrival - prefill_rtt
+                    return await self._answer(http, gen, upstream, headers, arrival, overhead)
                 finally:
                     upstream.close()  # no-op once released; aborts the engine request otherwise
             finally:
                 sched.release_decode(decode_instance, load)
 
     async def _answer(self, http: web.Request, gen: GenerationRequest, upstream: UpstreamResponse,
-                      headers: dict[str, str], arrival: float) -> web.StreamResponse:  # fmt: skip
+                      headers: dict[str, str], arrival: float, overhead: float) -> web.StreamResponse:  # fmt: skip
         if upstream.status != 200:
             raise errors.from_upstream("decode", upstream.status, await _read(upstream, headers))
         if gen.stream:
             return await self._relay_stream(http, upstream, headers, arrival)
-        data = await _read(upstream, headers)
         sched = self.scheduler
+        data = await _read(upstream, headers)
         sched.metrics.e2e_by_stream[False].observe(sched.clock() - arrival)
+        sched.metrics.overhead_series.observe(max(0.0, overhead))
         headers["Content-Type"] = "application/json"
         return web.Response(body=data, headers=headers)
 
     async def _prefill(self, routed: RoutedRequest, gen: GenerationRequest,
-                       path: str) -> tuple[str, PrefillResult]:  # fmt: skip
+                       path: str) -> tuple[str, PrefillResult, float]:  # fmt: skip
+        """Queue, send and finish the prefill leg; returns (instance, result, round trip)."""
         sched = self.scheduler
         body = prefill_body(gen.body)
         attempts_left = PREFILL_ATTEMPTS
@@ -254,11 +260,11 @@ class PDHandoff:
             except ValueError as exc:
                 sched.abort_prefill(routed)
                 raise errors.upstream_failure("prefill", instance, str(exc)) from None
-            sched.complete_prefill(routed, instance, sched.clock() - started, predicted_hit,
-                                   result.engine_cached_tokens)  # fmt: skip
+            rtt = sched.clock() - started
+            sched.complete_prefill(routed, instance, rtt, predicted_hit, result.engine_cached_tokens)
             if result.kv_transfer_params is None:
                 sched.metrics.error("missing_kv_transfer_params")
-            return instance, result
+            return instance, result, rtt
 
     async def _relay_stream(self, http: web.Request, upstream: UpstreamResponse,
                             headers: dict[str, str], arrival: float) -> web.StreamResponse:  # fmt: skip

@@ -32,6 +32,11 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 
+# Scheduler-added time: 50 us .. 1 s.
+OVERHEAD_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
 
 class Counter:
     """A labelled counter: ``inc(("a", "b"))``."""
@@ -128,10 +133,15 @@ class SchedulerMetrics(Collector):
                                     "Time in the scheduler-side prefill queue (late dispatch)", ())  # fmt: skip
         self.prefill_time = Histogram("dualmap_prefill_seconds", "Prefill request round trip",
                                       ("instance",))  # fmt: skip
+        self.overhead = Histogram("dualmap_scheduler_overhead_seconds",
+                                  "Non-streamed requests: arrival to the decode leg's start, minus "
+                                  "the prefill round trip (what the scheduler added, late-dispatch "
+                                  "queueing included)", (), buckets=OVERHEAD_BUCKETS)  # fmt: skip
         # Pre-bound series for the per-request path.
         self.ttft_by_stream = {s: self.ttft.child((str(s).lower(),)) for s in (True, False)}
         self.e2e_by_stream = {s: self.e2e.child((str(s).lower(),)) for s in (True, False)}
         self.queue_wait_series = self.queue_wait.child(())
+        self.overhead_series = self.overhead.child(())
         # Filled by the engine-metrics intake: decode instance -> its NIXL totals.
         self.kv_transfer: dict[str, KVTransferTotals] = {}
         self._view: ClusterView | None = None
@@ -167,7 +177,7 @@ class SchedulerMetrics(Collector):
         for c in (self.decisions, self.requests, self.errors, self.predicted_hits,
                   self.engine_hits, self.prompt_tokens):  # fmt: skip
             yield c.family()
-        for h in (self.ttft, self.e2e, self.queue_wait, self.prefill_time):
+        for h in (self.ttft, self.e2e, self.queue_wait, self.prefill_time, self.overhead):
             yield h.family()
         yield from self._instance_families()
         yield from self._kv_transfer_families()

@@ -228,9 +228,9 @@ async def _added_latency(args: argparse.Namespace, sched_url: str) -> dict[str, 
         async def via_scheduler(body: dict[str, object]) -> float:
             t0 = time.perf_counter()
             async with s.post(f"{sched_url}/v1/completions", json=body) as r:
-                await r.read()
+                answer = await r.read()
                 if r.status != 200:
-                    raise RuntimeError(f"scheduler answered {r.status}")
+                    raise RuntimeError(f"scheduler answered {r.status}: {answer[:500]!r}")
             return time.perf_counter() - t0
 
         async def by_hand(body: dict[str, object], k: int) -> float:
@@ -268,6 +268,29 @@ async def _added_latency(args: argparse.Namespace, sched_url: str) -> dict[str, 
     }  # fmt: skip
 
 
+def _histogram_quantiles(metrics_text: str, name: str, qs: tuple[float, ...]) -> dict[str, float]:
+    """Quantiles of a Prometheus histogram, interpolated linearly inside its buckets."""
+    from scheduler.engine_metrics import parse_samples
+
+    samples = parse_samples(metrics_text, {f"{name}_bucket", f"{name}_sum", f"{name}_count"})
+    buckets = sorted((float(labels["le"]), v) for labels, v in samples.get(f"{name}_bucket", []))
+    count = sum(v for _, v in samples.get(f"{name}_count", []))
+    out: dict[str, float] = {}
+    if not count:
+        return out
+    out["mean_ms"] = sum(v for _, v in samples[f"{name}_sum"]) / count * 1e3
+    for q in qs:
+        target, lo_bound, lo_count = q * count, 0.0, 0.0
+        for bound, cum in buckets:
+            if cum >= target:
+                frac = (target - lo_count) / (cum - lo_count) if cum > lo_count else 1.0
+                hi = bound if bound != float("inf") else lo_bound
+                out[f"p{int(q * 100)}_ms"] = (lo_bound + frac * (hi - lo_bound)) * 1e3
+                break
+            lo_bound, lo_count = bound, cum
+    return out
+
+
 def added_latency(args: argparse.Namespace) -> dict[str, object]:
     from scheduler.config import load_config
 
@@ -282,6 +305,13 @@ def added_latency(args: argparse.Namespace) -> dict[str, object]:
         with asyncio.Runner(loop_factory=_loop_factory()) as r:
             result = r.run(_added_latency(args, url))
         result["served_model"] = cfg.served_model_name
+        # The scheduler's own account, immune to engine-time noise: arrival to decode start,
+        # minus the prefill round trip (bucket-interpolated).
+        with urllib.request.urlopen(f"{url}/metrics") as resp:
+            text = resp.read().decode()
+        result["scheduler_self_reported_overhead"] = _histogram_quantiles(
+            text, "dualmap_scheduler_overhead_seconds", (0.5, 0.99)
+        )
         return result
     finally:
         if sched is not None:

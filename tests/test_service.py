@@ -32,6 +32,7 @@ def test_completion_is_prefilled_then_decoded_with_the_kv_params() -> None:
             assert headers["X-DualMap-Decode-Instance"] == "decode-0"
             assert len(h.scheduler.router) == 0
             assert h.scheduler.view["decode-0"].running_requests == 0
+            assert h.scheduler.metrics.overhead_series.count == 1
 
     run(body)
 
