@@ -19,7 +19,7 @@ from scheduler.errors import ApiError
 from scheduler.pd_client import PDHandoff
 from scheduler.prom import CONTENT_TYPE
 from scheduler.service import Scheduler
-from scheduler.tokenization import encode_chat
+from scheduler.tokenization import LONG_PROMPT_CHARS, encode_chat
 from scheduler.validation import (
     Endpoint,
     GenerationRequest,
@@ -32,11 +32,7 @@ from scheduler.validation import (
 log = logging.getLogger(__name__)
 SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
 HANDOFF_KEY = web.AppKey("handoff", PDHandoff)
-# Prompts longer than this are tokenized in a worker thread so one huge prompt cannot stall
-# every other request on the loop.
-TOKENIZE_INLINE_MAX_CHARS = 32_768
 _encode = msgspec.json.encode
-
 
 
 def _tokenize(sched: Scheduler, gen: GenerationRequest) -> list[int]:
@@ -80,7 +76,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
             gen = parse_completion(body, served, sched.tokenizer.vocab_size)
         else:
             gen = parse_chat(body, served)
-        if _prompt_size(gen) > TOKENIZE_INLINE_MAX_CHARS:
+        if _prompt_size(gen) > LONG_PROMPT_CHARS:  # off the loop: one huge prompt must not stall all
             gen.prompt_ids = await asyncio.to_thread(_tokenize, sched, gen)
         else:
             gen.prompt_ids = _tokenize(sched, gen)
