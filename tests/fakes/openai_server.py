@@ -16,6 +16,14 @@ request carrying ``kv_transfer_params: {"do_remote_decode": true}`` (the prefill
 ``kv_transfer_params`` back in vLLM's NixlConnector shape, so a P/D proxy can be tested end to
 end; ``disconnects`` counts requests whose client went away before the answer was complete.
 
+With ``kv_block_size`` set, token-id prompts also go through a small model of vLLM's prefix cache
+and NixlConnector, enough to test KV migration between two fake prefill servers: each server
+remembers the full blocks it computed, the prefill leg reports ``remote_prefill_cached_tokens``,
+a request carrying ``do_remote_prefill`` params "pulls" the blocks it does not hold (one NIXL
+transfer of ``kv_bytes_per_block`` per block, the partial last block included, as vLLM reads
+it), and ``GET /metrics`` serves the resulting ``vllm:prefix_cache_*`` and ``vllm:nixl_*``
+series in vLLM 0.32's exposition format.
+
 Use ``async with FakeOpenAIServer(config) as server:`` inside a running loop, or
 ``with serve_in_thread(config) as server:`` from synchronous code (e.g. to test a CLI that calls
 ``asyncio.run`` itself).
@@ -64,6 +72,10 @@ class FakeServerConfig:
     max_generated_tokens: int | None = None
     prompt_tokens: int = 1  # reported in usage when the prompt is text (no tokenizer here)
     fault_for: Callable[[dict[str, Any]], Fault | None] | None = None
+    # Prefix-cache / NIXL model for token-id prompts (None: off, the server stays stateless).
+    kv_block_size: int | None = None
+    kv_bytes_per_block: int = 0
+    nixl_xfer_seconds: float = 0.001  # reported per simulated transfer
 
 
 def fault_by_max_tokens(faults: dict[int, Fault]) -> Callable[[dict[str, Any]], Fault | None]:
@@ -81,12 +93,50 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 @dataclass
+class FakeKVState:
+    """Cumulative counters a vLLM server exports, as the fake model of its cache moves them."""
+
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    nixl_transfers: int = 0
+    nixl_bytes: int = 0
+    nixl_xfer_seconds: float = 0.0
+    nixl_failed: int = 0
+    cached: set[tuple[int, ...]] = field(default_factory=set)  # full-block prefixes held
+
+    def render(self, model: str) -> str:
+        """The counters in vLLM 0.32's text format (prometheus_client 0.26 layout; histograms
+        without their finite buckets)."""
+        labels = f'engine="0",model_name="{model}"'
+        out: list[str] = []
+        for name, value in (
+            ("vllm:prefix_cache_queries_total", self.prefix_cache_queries),
+            ("vllm:prefix_cache_hits_total", self.prefix_cache_hits),
+            ("vllm:nixl_num_failed_transfers_total", self.nixl_failed),
+        ):
+            out += [f"# TYPE {name} counter", f"{name}{{{labels}}} {float(value)}"]
+        for name, total in (
+            ("vllm:nixl_xfer_time_seconds", self.nixl_xfer_seconds),
+            ("vllm:nixl_bytes_transferred", self.nixl_bytes),
+        ):
+            count = float(self.nixl_transfers)
+            out += [
+                f"# TYPE {name} histogram",
+                f'{name}_bucket{{engine="0",le="+Inf",model_name="{model}"}} {count}',
+                f"{name}_count{{{labels}}} {count}",
+                f"{name}_sum{{{labels}}} {float(total)}",
+            ]
+        return "\n".join(out) + "\n"
+
+
+@dataclass
 class FakeOpenAIServer:
     config: FakeServerConfig = field(default_factory=FakeServerConfig)
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: int = 0  # handlers cancelled because the client closed the connection
+    kv: FakeKVState = field(default_factory=FakeKVState)  # used when config.kv_block_size is set
     _runner: web.AppRunner | None = None
     _stopping: asyncio.Event | None = None
 
@@ -101,6 +151,8 @@ class FakeOpenAIServer:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        if self.config.kv_block_size:  # only with the cache model: others keep their 404
+            app.router.add_get("/metrics", self._metrics)
         # Cancel handlers whose client went away (a timed-out request) instead of letting them
         # hang on, and do not wait long for stragglers at shutdown.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
@@ -126,6 +178,33 @@ class FakeOpenAIServer:
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response()  # vLLM answers 200 with an empty body
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.kv.render(self.config.model))
+
+    def _prefill_kv(self, body: dict[str, Any]) -> int:
+        """Model the prefix cache (and a NIXL pull) for a token-id prompt; returns the cached
+        tokens. Like vLLM, a hit is capped below the prompt length (one token is computed)."""
+        bs = self.config.kv_block_size
+        prompt = body.get("prompt")
+        if not bs or not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+            return 0
+        n = len(prompt)
+        blocks = [tuple(prompt[: (i + 1) * bs]) for i in range(n // bs)]
+        held = 0
+        while held < len(blocks) and blocks[held] in self.kv.cached:
+            held += 1
+        cached = min(held * bs, (n - 1) // bs * bs)
+        self.kv.prefix_cache_queries += n
+        self.kv.prefix_cache_hits += cached
+        kv = body.get("kv_transfer_params")
+        if isinstance(kv, dict) and kv.get("do_remote_prefill") and kv.get("remote_block_ids"):
+            pulled = -(-n // bs) - cached // bs  # every block not held, the partial one too
+            self.kv.nixl_transfers += 1
+            self.kv.nixl_bytes += pulled * self.config.kv_bytes_per_block
+            self.kv.nixl_xfer_seconds += self.config.nixl_xfer_seconds
+        self.kv.cached.update(blocks)
+        return cached
+
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(
             {"object": "list", "data": [{"id": self.config.model, "object": "model"}]}
@@ -144,7 +223,9 @@ class FakeOpenAIServer:
             self.disconnects += 1
             raise
 
-    def _json_answer(self, body: dict[str, Any], chat: bool, n_prompt: int) -> web.Response:
+    def _json_answer(
+        self, body: dict[str, Any], chat: bool, n_prompt: int, cached_tokens: int = 0
+    ) -> web.Response:
         """A non-streamed answer; with ``do_remote_decode`` also vLLM's kv_transfer_params."""
         n_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         if self.config.max_generated_tokens is not None:
@@ -167,13 +248,16 @@ class FakeOpenAIServer:
         }
         kv = body.get("kv_transfer_params")
         if isinstance(kv, dict) and kv.get("do_remote_decode"):
+            bs = self.config.kv_block_size
+            block_ids = list(range(1, -(-n_prompt // bs) + 1)) if bs else [len(self.requests)]
             answer["kv_transfer_params"] = {
                 "do_remote_prefill": True, "do_remote_decode": False,
-                "remote_block_ids": [[len(self.requests)]],
+                "remote_block_ids": [block_ids],
                 "remote_engine_id": f"fake-{self.port}",
                 "remote_request_id": answer["id"], "remote_host": self.host,
-                "remote_port": self.port, "tp_size": 1, "remote_num_tokens": n_prompt,
-                "transfer_mode": "pull", "remote_prefill_cached_tokens": 0,
+                "remote_port": self.port, "tp_size": 1, "dcp_size": 1, "pp_size": 1,
+                "remote_num_tokens": n_prompt, "remote_blocks_expiry_time": None,
+                "transfer_mode": "pull", "remote_prefill_cached_tokens": cached_tokens,
             }
         return web.json_response(answer)
 
@@ -197,9 +281,10 @@ class FakeOpenAIServer:
             n_tokens = min(n_tokens, self.config.max_generated_tokens)
         prompt = body.get("prompt")
         n_prompt = len(prompt) if isinstance(prompt, list) else self.config.prompt_tokens
+        cached_tokens = self._prefill_kv(body)
         if not body.get("stream"):
             await asyncio.sleep(self.config.first_token_delay_s)
-            return self._json_answer(body, chat, n_prompt)
+            return self._json_answer(body, chat, n_prompt, cached_tokens)
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
