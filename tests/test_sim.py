@@ -66,6 +66,16 @@ def test_tile_trace_interleaved_keeps_each_copy_s_timing() -> None:
     assert tiled[-1].timestamp == 2750.0
 
 
+def test_short_prompts_spread_over_the_rings() -> None:
+    # Prompts under one block route on their fallback key; raw small ids would all fall before
+    # the rings' first point and pile onto two instances.
+    recs = [TraceRecord(i * 1000.0, 40 + i % 7, 2, [i]) for i in range(200)]
+    trace = PreparedTrace(recs, "short")
+    assert len({trace.fallback_key(i) for i in range(200)}) == 200
+    res = run(trace, policy="dualmap", prefill=8, warmup=0)
+    assert len({r.prefill_instance for r in res.requests}) == 8
+
+
 def test_default_warmup() -> None:
     assert default_warmup(3993) == 500 and default_warmup(1000) == 100 and default_warmup(5) == 0
 

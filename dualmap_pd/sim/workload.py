@@ -20,6 +20,8 @@ from dualmap_pd.hashing import ROOT_SEED
 from dualmap_pd.trace import TRACE_BLOCK_TOKENS, TraceRecord, load_trace
 
 _MASK64 = (1 << 64) - 1
+# Seed of short prompts' routing keys: keeps them apart from block-hash chains (ROOT_SEED).
+_SHORT_PROMPT_SEED = 0x73686F7274  # "short"
 
 # Warm-up: the paper excludes the first 500 requests. We keep that whenever the run has at least
 # this many requests (so warm-up is at most a quarter of it); shorter runs exclude 10%.
@@ -96,10 +98,18 @@ class PreparedTrace:
         return cached
 
     def fallback_key(self, index: int) -> int:
-        """Routing key of a prompt shorter than one block: its first trace id, as the policy
-        tests build requests (prompts with the same first id route alike)."""
-        ids = self.records[index].hash_ids
-        return ids[0] if ids else 0
+        """Routing key of a prompt shorter than one block (22% of the synthetic trace).
+
+        Live, it is the xxh3 hash of the short prompt's tokens (``hash_block(None, tokens)``):
+        a uniform 64-bit value, so short prompts spread over the rings. The prompt a replay
+        synthesises is the first ``input_length`` tokens of its first id's block, so here the
+        key hashes (first id, input_length). Never the raw id: small integers all fall before
+        the first point of a consistent-hash ring, which sent every short prompt to the same
+        two DualMap candidates.
+        """
+        rec = self.records[index]
+        first = rec.hash_ids[0] if rec.hash_ids else 0
+        return xxhash.xxh3_64_intdigest(array("Q", (first & _MASK64, rec.input_length)).tobytes(), seed=_SHORT_PROMPT_SEED)
 
 
 def load_prepared(path: str | Path, requests: int | None = None, tile: int = 1) -> PreparedTrace:
