@@ -45,6 +45,31 @@ def test_sim_json_is_exactly_one_object(trace: Path) -> None:
     assert out["decode_instances"] == 2 and out["kv_bytes_moved"] > 0
 
 
+_ALL_POLICIES_JSON = """
+import json, sys
+from dualmap_pd.policies import PREFILL_POLICIES
+from dualmap_pd.sim import SimConfig, Simulator, load_prepared
+trace = load_prepared(sys.argv[1])
+out = {}
+for name in PREFILL_POLICIES.names():
+    for mode in ("colocated", "disaggregated"):
+        cfg = SimConfig(trace=sys.argv[1], policy=name, mode=mode, prefill=4, rate_scale=3.0)
+        out[f"{mode}/{name}"] = Simulator(cfg, trace).run().summary()
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def test_results_do_not_depend_on_the_process_hash_seed(trace: Path) -> None:
+    # Same seed -> same JSON across processes, whatever PYTHONHASHSEED (str hashing) is.
+    outs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": hash_seed}
+        proc = subprocess.run([sys.executable, "-c", _ALL_POLICIES_JSON, str(trace)], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(proc.stdout)
+    assert outs[0] == outs[1]
+
+
 def test_sim_options_reach_the_config(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["sim", "--trace", str(trace), "--qps", "2", "--requests", "40", "--warmup", "0", "--slo-ttft", "3", "--json"]
     assert cli.main([*argv, "--profile", "llama8b-h100", "--seed", "3"]) == 0
