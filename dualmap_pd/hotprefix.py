@@ -50,6 +50,13 @@ class HotPrefixDetector:
             return self.config.extend_share
         return min(1.0, 2.0 / self._n_instances)
 
+    @property
+    def shrink_share(self) -> float:
+        """The release threshold, kept at most half the extend threshold. At large n, 2/n falls
+        below the paper's 0.02, and a prefix marked hot at share 0.01 would be released by the
+        same update; the hysteresis keeps a hot prefix hot until its traffic has really faded."""
+        return min(self.config.shrink_share, self.extend_share / 2)
+
     def set_instance_count(self, n: int) -> None:
         self._n_instances = max(1, n)
 
@@ -94,6 +101,7 @@ class HotPrefixDetector:
         if depth < min(cfg.max_depth, len(block_hashes)) and self._counts[key] / size > self.extend_share:
             self._hot.add(key)
         # Release hot prefixes on this request's path whose traffic has faded.
+        shrink = self.shrink_share
         for h in counted:
-            if h in self._hot and self._counts[h] / size < cfg.shrink_share:
+            if h in self._hot and self._counts[h] / size < shrink:
                 self._hot.discard(h)

@@ -68,3 +68,16 @@ def test_max_depth_caps_extension():
     det = HotPrefixDetector(HotPrefixConfig(max_depth=2), n_instances=8)
     depths = feed(det, [chain([1, 2, 3, 4]) for _ in range(100)])
     assert max(depths) == 2
+
+
+def test_large_cluster_extends_below_the_release_share():
+    # 256 instances: extend above 2/256 = 0.78%, below the 2% low-water mark of the paper's
+    # code. A prefix carrying 1.5% of traffic must become hot and stay hot (hysteresis),
+    # not be released by the same update that marked it.
+    det = HotPrefixDetector(HotPrefixConfig(window=200, min_window=20), n_instances=256)
+    assert det.shrink_share < det.extend_share
+    reqs = [chain([1, 2, 3_000 + i]) if i % 67 == 0 else chain([90_000 + i]) for i in range(2_000)]
+    depths = feed(det, reqs)
+    # Both shared blocks are hot, so the key goes one block past them (as at small n).
+    assert {depths[i] for i in range(1_000, 2_000, 67)} == {3}
+    assert set(chain([1, 2])) <= det.hot_prefixes
