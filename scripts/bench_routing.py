@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from dualmap_pd.cluster import ClusterView  # noqa: E402
 from dualmap_pd.cost import CostModel, get_profile  # noqa: E402
-from dualmap_pd.hashing import trace_block_hashes  # noqa: E402
+from dualmap_pd.hashing import hash_block, trace_block_hashes  # noqa: E402
 from dualmap_pd.policies import PREFILL_POLICIES, PolicyContext  # noqa: E402
 from dualmap_pd.request import RoutedRequest  # noqa: E402
 from dualmap_pd.router import PrefillRouter  # noqa: E402
@@ -43,7 +43,7 @@ def bench(policy_name: str, n: int, records, block_size: int) -> dict:
     router = PrefillRouter(PREFILL_POLICIES.create(policy_name, ctx), view)
     reqs = [
         RoutedRequest(f"r{i}", r.input_length, trace_block_hashes(r.hash_ids, r.input_length, block_size),
-                      block_size, r.timestamp / 1000.0, fallback_key=i)
+                      block_size, r.timestamp / 1000.0, fallback_key=hash_block(None, [i]))
         for i, r in enumerate(records)
     ]
     lat_ns: list[int] = []

@@ -6,7 +6,7 @@ import copy
 
 from dualmap_pd.cluster import ClusterView
 from dualmap_pd.cost import CostModel, get_profile
-from dualmap_pd.hashing import trace_block_hashes
+from dualmap_pd.hashing import hash_block, trace_block_hashes
 from dualmap_pd.policies import PolicyContext
 from dualmap_pd.request import RoutedRequest
 
@@ -32,7 +32,7 @@ def make_request(rid: str, ids: list[int], tokens: int | None = None, arrival: f
         block_hashes=trace_block_hashes(ids, tokens, 128),
         block_size=128,
         arrival=arrival,
-        fallback_key=ids[0] if ids else 0,
+        fallback_key=hash_block(None, ids) if ids else 0,
     )
 
 
