@@ -65,6 +65,6 @@ dualmap-pd replay --trace "$TRACE" --url "$URL" --requests "$REQUESTS" --rate-sc
 
 echo
 echo "Routing decisions (scheduler /metrics):"
-curl -sf "$URL/metrics" | grep -E '^dualmap_(decisions_total|prefill_cache_hit_tokens_total|kv_transfer_bytes_total)' | sed 's/^/  /' || true
+curl -sf "$URL/metrics" | grep -E '^dualmap_(decisions_total|cache_hit_tokens_(predicted|engine)_total|prompt_tokens_total|kv_transfer_bytes)' | sed 's/^/  /' || true
 echo
 echo "Logs: $RUN_LOGS/ and runs/local/<instance>/server.log"
