@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 
 from connectors import KVSize
+from connectors.http_session import LazySession
 from dualmap_pd.migration import Endpoint, MigrationError, MigrationResult
 
 _NIXL_HINT = (
@@ -177,19 +178,13 @@ class LMCachePrefixMigrator:
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.kv_size = kv_size
-        self._session = session
-        self._owns_session = session is None
+        self._http = LazySession(session)
 
     async def close(self) -> None:
-        if self._owns_session and self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        await self._http.close()
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-            self._owns_session = True
-        return self._session
+        return self._http.get()
 
     async def _post(self, path: str, body: dict[str, Any], deadline: float) -> Any:
         remaining = deadline - time.monotonic()

@@ -43,6 +43,7 @@ from typing import Any
 import aiohttp
 
 from connectors import KVSize
+from connectors.http_session import LazySession
 from dualmap_pd.migration import Endpoint, MigrationResult
 
 # Histogram/counter families of vLLM 0.32's NIXL stats (vllm/.../nixl/stats.py); summed over
@@ -147,13 +148,10 @@ class NixlPrefixMigrator:
         self.kv_size = kv_size
         self.scrape_metrics = scrape_metrics
         self.metrics_settle = metrics_settle
-        self._session = session
-        self._owns_session = session is None
+        self._http = LazySession(session)
 
     async def close(self) -> None:
-        if self._owns_session and self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        await self._http.close()
 
     async def __aenter__(self) -> NixlPrefixMigrator:
         return self
@@ -162,11 +160,7 @@ class NixlPrefixMigrator:
         await self.close()
 
     def _client(self) -> aiohttp.ClientSession:
-        # Created lazily: an aiohttp session must be made inside the running event loop.
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-            self._owns_session = True
-        return self._session
+        return self._http.get()
 
     # ------------------------------------------------------------------ the migration
 

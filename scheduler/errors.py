@@ -114,6 +114,11 @@ def upstream_failure(role: str, instance: str, detail: str) -> ApiError:
                     code="upstream_error", kind=f"upstream_{role}")  # fmt: skip
 
 
+def upstream_timeout(role: str, instance: str) -> ApiError:
+    return ApiError(504, f"{role} instance {instance} did not answer in time", type=SERVER_ERROR,
+                    code="upstream_timeout", kind=f"timeout_{role}")  # fmt: skip
+
+
 def from_upstream(role: str, status: int, raw: bytes) -> ApiError:
     """Re-shape an engine's error reply (vLLM uses both ``{"error": {...}}`` and the older
     ``{"object": "error", "message": ...}``) into our format, keeping the engine's status: a 400

@@ -166,6 +166,7 @@ class KVEventSubscriber:
         self._recv_task: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
+        self.caught_up = asyncio.Event()  # set once the start-up replay (if any) is done
 
     # -- callbacks --------------------------------------------------------------------------
     def on_stored(self, cb: StoredCallback) -> Callable[[], None]:
@@ -442,8 +443,28 @@ class KVEventSubscriber:
                 await asyncio.wait_for(self._progress.wait(), left)
         return True
 
+    async def catch_up_now(self) -> bool:
+        """Rebuild the index from the engine's replay buffer before any live batch arrives (a
+        restarted scheduler would otherwise know nothing until the engine next publishes).
+        Live batches the answer already covered are then skipped as duplicates."""
+        if not (self.catch_up and self.replay_endpoint) or self._last_seq is not None:
+            return False
+        batches = await self.fetch_replay(0)
+        if not batches or self._last_seq is not None:
+            return False
+        self.apply_replay(0, batches)
+        if self._last_seq is not None:
+            self._dup_window = (batches[0][0], self._last_seq)
+        return True
+
     async def _recv_loop(self, sub: zmq.asyncio.Socket) -> None:
         topic = self.topic.encode()
+        try:
+            await self.catch_up_now()
+        except Exception:  # the live stream still works (and catches up on its first batch)
+            logger.exception("kv-events %s: start-up replay failed", self.instance)
+        finally:
+            self.caught_up.set()
         while True:
             frames = await sub.recv_multipart()
             if len(frames) != 3 or len(frames[1]) != 8 or (topic and frames[0] != topic):

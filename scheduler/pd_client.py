@@ -27,7 +27,13 @@ import msgspec
 from aiohttp import web
 
 from scheduler import errors
-from scheduler.upstream import UpstreamClosed, UpstreamPool, UpstreamProtocolError, UpstreamResponse
+from scheduler.upstream import (
+    UpstreamClosed,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from scheduler.validation import GenerationRequest
 
 if TYPE_CHECKING:
@@ -51,7 +57,23 @@ class PrefillResult:
 
 
 class InstanceUnreachable(Exception):
-    """The instance refused or dropped the connection before answering (it is down)."""
+    """The instance refused, dropped or broke the connection (it is down, or died mid-answer).
+
+    ``request_sent``: the request may have reached the engine (so a decode leg may have read the
+    prefill's KV, and that KV may already be freed)."""
+
+    def __init__(self, message: str, *, request_sent: bool) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
+
+
+class DecodeLegFailed(Exception):
+    """The decode leg failed before the client saw a byte: it may be retried elsewhere."""
+
+    def __init__(self, error: errors.ApiError, *, kv_maybe_read: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.kv_maybe_read = kv_maybe_read
 
 
 def prefill_body(body: dict[str, Any]) -> bytes:
@@ -95,13 +117,6 @@ def parse_prefill(raw: bytes) -> PrefillResult:
     return PrefillResult(kv if isinstance(kv, dict) else None, cached)
 
 
-async def _read(upstream: UpstreamResponse, headers: dict[str, str]) -> bytes:
-    try:
-        return await upstream.read()
-    except OSError as exc:  # reset, closed early, timed out (all OSError subclasses)
-        raise errors.upstream_failure("decode", headers[DECODE_HEADER], str(exc) or "timed out") from None
-
-
 class PDClient:
     """Upstream HTTP to the vLLM engines: one keep-alive connection pool per engine, and one
     sweeper task that times out overdue requests."""
@@ -140,6 +155,12 @@ class PDClient:
             pool.close()
         self._pools.clear()
 
+    def abort_active(self, base_url: str) -> None:
+        """Abort every request in flight to one engine (its circuit opened)."""
+        pool = self._pools.get(base_url)
+        if pool is not None:
+            pool.abort_active()
+
     async def healthy(self, base_url: str) -> bool:
         try:
             resp = await self._pool(base_url).request("GET", "/health", timeout=2.0)
@@ -149,6 +170,7 @@ class PDClient:
             return False
 
     async def prefill(self, base_url: str, path: str, body: bytes) -> tuple[int, bytes]:
+        """Status and body. Raises InstanceUnreachable, or UpstreamTimeout past the deadline."""
         try:
             resp = await self._pool(base_url).request(
                 "POST", path, body, timeout=self._options.prefill_timeout_s
@@ -157,10 +179,12 @@ class PDClient:
                 return resp.status, await resp.read()
             finally:
                 resp.close()  # no-op once read; aborts the engine request otherwise
-        except UpstreamClosed as exc:
-            raise InstanceUnreachable(str(exc)) if not exc.partial else exc
-        except (ConnectionRefusedError, ConnectionResetError) as exc:
-            raise InstanceUnreachable(str(exc)) from exc
+        except UpstreamTimeout:
+            raise
+        except (UpstreamClosed, UpstreamProtocolError) as exc:
+            raise InstanceUnreachable(str(exc), request_sent=True) from exc
+        except OSError as exc:  # refused, unreachable, connect timed out: nothing was sent
+            raise InstanceUnreachable(str(exc) or "connect timed out", request_sent=False) from exc
 
     async def open_decode(self, base_url: str, path: str, body: bytes) -> UpstreamResponse:
         """The decode response, headers read; the caller must release or close it."""
@@ -168,14 +192,23 @@ class PDClient:
             return await self._pool(base_url).request(
                 "POST", path, body, idle_timeout=self._options.decode_idle_timeout_s
             )
-        except UpstreamClosed as exc:
-            raise InstanceUnreachable(str(exc)) if not exc.partial else exc
-        except (ConnectionRefusedError, ConnectionResetError) as exc:
-            raise InstanceUnreachable(str(exc)) from exc
+        except UpstreamTimeout:
+            raise
+        except (UpstreamClosed, UpstreamProtocolError) as exc:
+            raise InstanceUnreachable(str(exc), request_sent=True) from exc
+        except OSError as exc:
+            raise InstanceUnreachable(str(exc) or "connect timed out", request_sent=False) from exc
 
 
 class PDHandoff:
-    """Runs one request through prefill and decode for the web handlers."""
+    """Runs one request through prefill and decode for the web handlers.
+
+    Failures (docs/fault_handling.md): a prefill leg that breaks or answers 5xx is retried (the
+    circuit of a dead instance opens, so the retry falls to the request's backup candidate); a
+    decode leg that fails before the client saw a byte is retried on another decoder, after a
+    fresh prefill when the failed decoder may have read (and so freed) the prefill's KV; once
+    streaming began, the client gets an SSE error event (OpenAI error object), then ``[DONE]``.
+    """
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -187,45 +220,79 @@ class PDHandoff:
         prefill_instance, result, prefill_rtt = await self._prefill(routed, gen, path)
         if not gen.stream:
             sched.metrics.ttft_by_stream[False].observe(sched.clock() - arrival)
-        body = decode_body(gen.body, result.kv_transfer_params)
         attempts_left = DECODE_ATTEMPTS
+        failed_decoders: list[str] = []
         while True:
             attempts_left -= 1
-            decode_instance, load = sched.acquire_decode(routed)
+            body = decode_body(gen.body, result.kv_transfer_params)
+            decode_instance, load = sched.acquire_decode(routed, avoid=failed_decoders)
+            headers = {PREFILL_HEADER: prefill_instance, DECODE_HEADER: decode_instance}
             try:
-                decode_started = sched.clock()
-                try:
-                    upstream = await sched.client.open_decode(sched.instance_url(decode_instance), path, body)
-                except InstanceUnreachable as exc:
-                    sched.mark_unhealthy(decode_instance)
-                    if attempts_left > 0:
-                        continue  # another decoder pulls the same KV from the prefill instance
-                    raise errors.upstream_failure("decode", decode_instance, str(exc)) from None
-                except OSError as exc:  # timed out, or reset after a partial answer
-                    raise errors.upstream_failure("decode", decode_instance, str(exc) or "timed out") from None
-                headers = {PREFILL_HEADER: prefill_instance, DECODE_HEADER: decode_instance}
-                try:
-                    # What the scheduler itself added so far: everything but the prefill round
-                    # trip (parsing, tokenizing, late-dispatch queueing, routing).
-                    overhead = decode_started - arrival - prefill_rtt
-                    return await self._answer(http, gen, upstream, headers, arrival, overhead)
-                finally:
-                    upstream.close()  # no-op once released; aborts the engine request otherwise
+                # What the scheduler itself added so far: everything but the prefill round
+                # trip (parsing, tokenizing, late-dispatch queueing, routing).
+                overhead = sched.clock() - arrival - prefill_rtt
+                return await self._decode(http, gen, body, headers, arrival, overhead)
+            except DecodeLegFailed as failed:
+                if attempts_left <= 0:
+                    raise failed.error from None
+                sched.metrics.error("decode_retried")
+                failed_decoders.append(decode_instance)
+                reprefill = failed.kv_maybe_read
             finally:
                 sched.release_decode(decode_instance, load)
+            if reprefill:
+                sched.metrics.error("decode_reprefilled")
+                prefill_instance, result, rtt = await self._prefill(routed, gen, path)
+                prefill_rtt += rtt
 
-    async def _answer(self, http: web.Request, gen: GenerationRequest, upstream: UpstreamResponse,
+    async def _decode(self, http: web.Request, gen: GenerationRequest, body: bytes,
                       headers: dict[str, str], arrival: float, overhead: float) -> web.StreamResponse:  # fmt: skip
-        if upstream.status != 200:
-            raise errors.from_upstream("decode", upstream.status, await _read(upstream, headers))
-        if gen.stream:
-            return await self._relay_stream(http, upstream, headers, arrival)
         sched = self.scheduler
-        data = await _read(upstream, headers)
-        sched.metrics.e2e_by_stream[False].observe(sched.clock() - arrival)
-        sched.metrics.overhead_series.observe(max(0.0, overhead))
-        headers["Content-Type"] = "application/json"
-        return web.Response(body=data, headers=headers)
+        instance = headers[DECODE_HEADER]
+        try:
+            upstream = await sched.client.open_decode(sched.instance_url(instance), gen.endpoint.path, body)
+        except InstanceUnreachable as exc:
+            sched.health.report_failure(instance, "connect", hard=True)
+            raise DecodeLegFailed(errors.upstream_failure("decode", instance, str(exc)),
+                                  kv_maybe_read=exc.request_sent) from None  # fmt: skip
+        except UpstreamTimeout:
+            sched.health.report_failure(instance, "timeout")
+            raise DecodeLegFailed(errors.upstream_timeout("decode", instance), kv_maybe_read=True) from None
+        try:
+            if upstream.status != 200:
+                raw = await self._leg_bytes(upstream, instance, whole=True)
+                if upstream.status < 500:  # the request's own fault: retrying cannot help
+                    raise errors.from_upstream("decode", upstream.status, raw)
+                sched.health.report_failure(instance, "http_5xx")
+                raise DecodeLegFailed(errors.from_upstream("decode", upstream.status, raw), kv_maybe_read=True)
+            if gen.stream:
+                # The first chunk is read before the client's headers go out: until then a
+                # failure can still be retried invisibly.
+                first = await self._leg_bytes(upstream, instance, whole=False)
+                sched.health.report_success(instance)
+                return await self._relay_stream(http, upstream, first, headers, arrival)
+            data = await self._leg_bytes(upstream, instance, whole=True)
+            sched.health.report_success(instance)
+            sched.metrics.e2e_by_stream[False].observe(sched.clock() - arrival)
+            sched.metrics.overhead_series.observe(max(0.0, overhead))
+            headers["Content-Type"] = "application/json"
+            return web.Response(body=data, headers=headers)
+        finally:
+            upstream.close()  # no-op once released; aborts the engine request otherwise
+
+    async def _leg_bytes(self, upstream: UpstreamResponse, instance: str, *, whole: bool) -> bytes:
+        """The whole body, or its first chunk (b"" for an empty body); failures as DecodeLegFailed."""
+        try:
+            if whole:
+                return await upstream.read()
+            return await upstream.next_chunk() or b""
+        except UpstreamTimeout:
+            self.scheduler.health.report_failure(instance, "timeout")
+            raise DecodeLegFailed(errors.upstream_timeout("decode", instance), kv_maybe_read=True) from None
+        except OSError as exc:  # closed or garbled mid-body: the engine died
+            self.scheduler.health.report_failure(instance, "stream", hard=True)
+            err = errors.upstream_failure("decode", instance, str(exc) or "connection closed")
+            raise DecodeLegFailed(err, kv_maybe_read=True) from None
 
     async def _prefill(self, routed: RoutedRequest, gen: GenerationRequest,
                        path: str) -> tuple[str, PrefillResult, float]:  # fmt: skip
@@ -242,48 +309,61 @@ class PDHandoff:
                 status, raw = await sched.client.prefill(sched.instance_url(instance), path, body)
             except InstanceUnreachable as exc:
                 sched.abort_prefill(routed)
-                sched.mark_unhealthy(instance)
-                if attempts_left > 0:
-                    continue  # re-admitted: the router now skips the dead instance
-                raise errors.upstream_failure("prefill", instance, str(exc)) from None
-            except (asyncio.TimeoutError, OSError) as exc:
+                sched.health.report_failure(instance, "connect", hard=True)
+                failure = errors.upstream_failure("prefill", instance, str(exc))
+            except UpstreamTimeout:
                 sched.abort_prefill(routed)
-                raise errors.upstream_failure("prefill", instance, str(exc) or "timed out") from None
+                sched.health.report_failure(instance, "timeout")
+                raise errors.upstream_timeout("prefill", instance) from None
             except BaseException:
                 sched.abort_prefill(routed)  # cancelled: the client is gone
                 raise
-            if status != 200:
+            else:
+                if status == 200:
+                    return self._finish_prefill(routed, instance, raw, started, predicted_hit)
                 sched.abort_prefill(routed)
-                raise errors.from_upstream("prefill", status, raw)
-            try:
-                result = parse_prefill(raw)
-            except ValueError as exc:
-                sched.abort_prefill(routed)
-                raise errors.upstream_failure("prefill", instance, str(exc)) from None
-            rtt = sched.clock() - started
-            sched.complete_prefill(routed, instance, rtt, predicted_hit, result.engine_cached_tokens)
-            if result.kv_transfer_params is None:
-                sched.metrics.error("missing_kv_transfer_params")
-            return instance, result, rtt
+                if status < 500:  # the request's own fault: retrying cannot help
+                    raise errors.from_upstream("prefill", status, raw)
+                sched.health.report_failure(instance, "http_5xx")
+                failure = errors.from_upstream("prefill", status, raw)
+            if attempts_left <= 0:
+                raise failure
+            sched.metrics.error("prefill_retried")  # re-admitted: an open circuit is skipped
 
-    async def _relay_stream(self, http: web.Request, upstream: UpstreamResponse,
+    def _finish_prefill(self, routed: RoutedRequest, instance: str, raw: bytes, started: float,
+                        predicted_hit: int) -> tuple[str, PrefillResult, float]:  # fmt: skip
+        sched = self.scheduler
+        try:
+            result = parse_prefill(raw)
+        except ValueError as exc:
+            sched.abort_prefill(routed)
+            raise errors.upstream_failure("prefill", instance, str(exc)) from None
+        sched.health.report_success(instance)
+        rtt = sched.clock() - started
+        sched.complete_prefill(routed, instance, rtt, predicted_hit, result.engine_cached_tokens)
+        if result.kv_transfer_params is None:
+            sched.metrics.error("missing_kv_transfer_params")
+        return instance, result, rtt
+
+    async def _relay_stream(self, http: web.Request, upstream: UpstreamResponse, first: bytes,
                             headers: dict[str, str], arrival: float) -> web.StreamResponse:  # fmt: skip
         sched = self.scheduler
         out = web.StreamResponse(
             headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await out.prepare(http)
-        first = True
+        sched.metrics.ttft_by_stream[True].observe(sched.clock() - arrival)
+        instance = headers[DECODE_HEADER]
         try:
+            await out.write(first)
             async for chunk in upstream.iter_chunks():
-                if first:
-                    sched.metrics.ttft_by_stream[True].observe(sched.clock() - arrival)
-                    first = False
                 await out.write(chunk)
         except (UpstreamClosed, UpstreamProtocolError, asyncio.TimeoutError) as exc:
             # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
             sched.metrics.error("upstream_decode_stream")
-            err = errors.upstream_failure("decode", headers[DECODE_HEADER], str(exc) or "stream broke")
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            sched.health.report_failure(instance, "timeout" if timed_out else "stream", hard=not timed_out)
+            err = errors.upstream_failure("decode", instance, str(exc) or "stream broke")
             await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
         await out.write_eof()
         sched.metrics.e2e_by_stream[True].observe(sched.clock() - arrival)

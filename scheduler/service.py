@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,10 +25,12 @@ from dualmap_pd.cluster import ClusterView, InstanceState, Role
 from dualmap_pd.cost import CostModel, get_profile
 from dualmap_pd.hashing import block_hashes, hash_block
 from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES, PolicyContext
-from dualmap_pd.request import NoInstanceError, RoutedRequest
+from dualmap_pd.policies.decode import decode_load
+from dualmap_pd.request import Decision, NoInstanceError, RoutedRequest
 from dualmap_pd.router import DispatchLimits, PrefillRouter
 from scheduler import errors
 from scheduler.config import ClusterConfig
+from scheduler.health import BreakerPolicy, HealthMonitor
 from scheduler.pd_client import PDClient
 from scheduler.prom import KVTransferTotals, SchedulerMetrics
 from scheduler.tokenization import PromptTokenizer
@@ -56,7 +58,9 @@ class SchedulerOptions:
     prefill_timeout_s: float = 600.0
     decode_idle_timeout_s: float = 600.0  # longest silence between two decode chunks
     max_connections: int = 4096
-    health_interval_s: float = 2.0  # how often unhealthy instances are probed for recovery
+    health_interval_s: float = 2.0  # active /health probe period (scheduler.health)
+    health_failure_threshold: int = 3  # timeouts/5xx/failed probes in a row that open a circuit
+    health_open_s: float | None = None  # open circuit's wait before a half-open probe (None: interval)
 
     @classmethod
     def from_config(cls, config: ClusterConfig, **overrides: object) -> SchedulerOptions:
@@ -108,7 +112,16 @@ class Scheduler:
         self._intake_factory = intake
         self._services: list[BackgroundService] = []
         self._waiters: dict[str, asyncio.Future[str]] = {}
-        self._health_task: asyncio.Task[None] | None = None
+        self.health = HealthMonitor(
+            self._health_targets, self._probe, on_open=self._leave_rings, on_close=self._rejoin,
+            policy=BreakerPolicy(
+                failure_threshold=opts.health_failure_threshold,
+                open_s=opts.health_interval_s if opts.health_open_s is None else opts.health_open_s,
+                probe_interval_s=opts.health_interval_s,
+            ),
+            clock=clock,
+        )  # fmt: skip
+        self.metrics.registry.register(self.health.collector())
         # Request ids unique across restarts and replicas without a per-request uuid4.
         self._id_prefix = f"dm-{os.getpid():x}-{int(time.time() * 1000) & 0xFFFFFF:x}-"
         self._seq = 0
@@ -122,13 +135,10 @@ class Scheduler:
             self._services = list(self._intake_factory(self))
         for svc in self._services:
             await svc.start()
-        self._health_task = asyncio.create_task(self._health_loop(), name="dualmap-health")
+        await self.health.start()
 
     async def stop(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
-            self._health_task = None
+        await self.health.stop()
         for svc in reversed(self._services):
             try:
                 await svc.stop()
@@ -220,12 +230,19 @@ class Scheduler:
         if self.router.finish_prefill(req.request_id, now) is not None:
             self._dispatch(now)
 
-    def acquire_decode(self, req: RoutedRequest) -> tuple[str, int]:
-        """Pick the decode instance and count the request's load on it until release."""
+    def acquire_decode(self, req: RoutedRequest, avoid: Collection[str] = ()) -> tuple[str, int]:
+        """Pick the decode instance and count the request's load on it until release.
+        ``avoid``: decoders that just failed this request; the least loaded other one is taken
+        instead when the policy picks one of them (a failure under the circuit's threshold
+        leaves a decoder eligible)."""
         try:
             decision = self.decode_policy.select(req, self.view, self.clock())
         except NoInstanceError:
             raise errors.no_instance("decode") from None
+        if decision.instance in avoid:
+            others = [st for st in self.view.eligible(Role.DECODE) if st.name not in avoid]
+            if others:
+                decision = Decision(min(others, key=decode_load).name, "retry_elsewhere")
         self.decode_policy.on_decision(req, decision, self.view, self.clock())
         self.metrics.decision("decode", decision.branch)
         # The KV the request may come to hold: its prompt plus its whole output budget.
@@ -242,12 +259,17 @@ class Scheduler:
             st.active_tokens = max(0, st.active_tokens - load)
 
     # -- health -----------------------------------------------------------------------------
-    def mark_unhealthy(self, instance: str) -> None:
-        """An instance stopped answering: route around it and re-admit what waited for it."""
+    def mark_unhealthy(self, instance: str, reason: str = "unreachable") -> None:
+        """Open the instance's circuit now (it comes back through a half-open probe)."""
+        self.health.report_failure(instance, reason, hard=True)
+
+    def _leave_rings(self, instance: str) -> None:
+        """Its circuit opened: route around it, re-admit what waited for it, and cut the prefills
+        it is running so their handlers retry them on the backup candidate now rather than at
+        their timeout (a prefill leg is safe to repeat: the client has seen nothing yet)."""
         st = self.view.get(instance)
         if st is None or not st.healthy:
             return
-        log.warning("instance %s is unreachable; routing around it", instance)
         queued_ids = {item[2] for item in st.queue} if st.role is Role.PREFILL else set()
         self.view.set_health(instance, False)
         if st.role is not Role.PREFILL:
@@ -263,22 +285,25 @@ class Scheduler:
                 self._waiters.pop(req.request_id, None)
                 fut.set_exception(errors.no_instance("prefill"))
         self._dispatch(now)
+        if self.client is not None and instance in self.urls:
+            self.client.abort_active(self.urls[instance])
 
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.health_interval_s)
-            for st in list(self.view.instances()):
-                if not st.healthy and self.client is not None:
-                    if await self.client.healthy(self.urls[st.name]):
-                        log.warning("instance %s is back", st.name)
-                        self.view.set_health(st.name, True)
-                        self._dispatch(self.clock())
+    def _rejoin(self, instance: str) -> None:
+        if instance in self.view:
+            self.view.set_health(instance, True)
+            self._dispatch(self.clock())
+
+    def _health_targets(self) -> dict[str, str]:
+        return {name: self.urls[name] for name in self.view.names() if name in self.urls}
+
+    async def _probe(self, url: str) -> bool:
+        return self.client is not None and await self.client.healthy(url)
 
     def on_engine_snapshot(self, snap: EngineSnapshot) -> None:
         """One /metrics scrape of an engine (from the poller)."""
         if not snap.ok:
             if snap.consecutive_failures >= UNHEALTHY_AFTER_FAILED_SCRAPES:
-                self.mark_unhealthy(snap.instance)
+                self.mark_unhealthy(snap.instance, "metrics_scrape")
             return
         if snap.nixl_bytes_transferred_sum is not None:
             self.metrics.kv_transfer[snap.instance] = KVTransferTotals(

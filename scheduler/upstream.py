@@ -283,6 +283,16 @@ class UpstreamResponse:
         self.release()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def next_chunk(self) -> bytes | None:
+        """The next body bytes, or None at the end of the body (which releases the response)."""
+        conn = self._conn
+        if conn is None:
+            return None
+        chunk = await conn.next_chunk()
+        if chunk is None:
+            self.release()
+        return chunk
+
     async def iter_chunks(self):  # type: ignore[no-untyped-def]
         conn = self._conn
         if conn is None:
@@ -387,6 +397,14 @@ class UpstreamPool:
                 conn.abort()
                 raise
             return UpstreamResponse(conn, self, head)
+
+    def abort_active(self) -> int:
+        """Abort every request in flight on this pool (the engine is being given up on); each
+        waiter sees ``UpstreamClosed``. Returns how many were aborted."""
+        busy = [conn for conn in self._active if conn.busy]
+        for conn in busy:
+            conn.abort()
+        return len(busy)
 
     def close(self) -> None:
         for conn in (*self._idle, *self._active):

@@ -77,7 +77,7 @@ async def cluster(
         "decode": [{"name": f"decode-{i}", "port": s.port, "nixl_side_channel_port": 40300 + i}
                    for i, s in enumerate(decode)],
     })  # fmt: skip
-    opts = SchedulerOptions(health_interval_s=0.1, max_body_bytes=64 * 1024, **options)
+    opts = SchedulerOptions(**{"health_interval_s": 0.1, "max_body_bytes": 64 * 1024, **options})
     sched = Scheduler(cfg, ByteTokenizer(), options=opts, intake=intake)
     runner = await start_site(create_app(sched), "127.0.0.1", 0)
     try:

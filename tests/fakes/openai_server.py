@@ -51,7 +51,8 @@ class Fault:
 
     ``status``: reply ``status_code`` with a JSON error body; ``hang``: never answer (until the
     server stops); ``stream_error``: send ``after_tokens`` tokens then a vLLM error event;
-    ``disconnect``: send ``after_tokens`` tokens then drop the connection without ``[DONE]``.
+    ``disconnect``: send ``after_tokens`` tokens then drop the connection without ``[DONE]``
+    (not streamed: send the headers and part of the JSON body, then drop it).
     """
 
     kind: str
@@ -136,6 +137,7 @@ class FakeOpenAIServer:
     port: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: int = 0  # handlers cancelled because the client closed the connection
+    healthy: bool = True  # False: GET /health answers 503, as vLLM does when its engine died
     kv: FakeKVState = field(default_factory=FakeKVState)  # used when config.kv_block_size is set
     _runner: web.AppRunner | None = None
     _stopping: asyncio.Event | None = None
@@ -176,7 +178,8 @@ class FakeOpenAIServer:
         await self.stop()
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.Response()  # vLLM answers 200 with an empty body
+        # vLLM answers 200 with an empty body, 503 once its engine is dead.
+        return web.Response(status=200 if self.healthy else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.kv.render(self.config.model))
@@ -261,6 +264,15 @@ class FakeOpenAIServer:
             }
         return web.json_response(answer)
 
+    async def _broken_json_answer(self, request: web.Request) -> web.StreamResponse:
+        """Headers and part of a JSON body, then the connection drops (a server killed mid-answer)."""
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 4096
+        await response.prepare(request)
+        await response.write(b'{"id": "cmpl-partial", "choices": [')
+        request.transport.close()
+        return response
+
     async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
@@ -284,6 +296,8 @@ class FakeOpenAIServer:
         cached_tokens = self._prefill_kv(body)
         if not body.get("stream"):
             await asyncio.sleep(self.config.first_token_delay_s)
+            if fault is not None and fault.kind == "disconnect":
+                return await self._broken_json_answer(request)
             return self._json_answer(body, chat, n_prompt, cached_tokens)
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

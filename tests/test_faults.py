@@ -1,0 +1,239 @@
+"""Fault outcomes of the P/D handoff against fake engines (docs/fault_handling.md).
+
+Each test injects one fault and checks the defined outcome: which instance finishes the request,
+whether the prompt is prefilled again, what the client sees, and that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from scheduler.kv_events import KVEventSubscriber
+from scheduler.service import Scheduler
+from tests.fakes.kv_publisher import FakeBlockPool, FakeKVPublisher
+from tests.fakes.openai_server import FakeServerConfig, Fault
+from tests.service_harness import BLOCK, Harness, cluster, completion, eventually, run
+
+SLOW = FakeServerConfig(first_token_delay_s=30.0)  # a prefill that will not finish in a test
+
+
+def _sse_events(text: str) -> list[str]:
+    return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def _served(h: Harness) -> list[int]:
+    return [len(s.requests) for s in h.prefill]
+
+
+async def _posts(h: Harness, n: int, tag: str, **extra: Any) -> list[tuple[int, dict[str, str], Any]]:
+    return await asyncio.gather(*(h.post("/v1/completions", completion(f"{tag}{i}", **extra))
+                                  for i in range(n)))  # fmt: skip
+
+
+def _assert_clean(h: Harness) -> None:
+    assert len(h.scheduler.router) == 0
+    assert all(st.running_requests == 0 for st in h.scheduler.view.instances("decode"))
+
+
+# --- prefill instance dies -----------------------------------------------------------------
+
+
+def test_prefill_killed_with_requests_queued_and_in_engine_loses_none() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=2, max_engine_pending=1) as h:
+            h.prefill[0].config = SLOW
+            tasks = asyncio.ensure_future(_posts(h, 8, "k"))
+            # prefill-0 holds one request in its engine and queues the rest of its share.
+            assert await eventually(lambda: len(h.prefill[0].requests) >= 1)
+            assert await eventually(lambda: len(h.scheduler.view["prefill-0"].queue) >= 1)
+            await h.prefill[0].stop()  # kill: connections drop, the port refuses
+            results = await tasks
+            assert [r[0] for r in results] == [200] * 8, results
+            assert {r[1]["X-DualMap-Prefill-Instance"] for r in results} == {"prefill-1"}
+            assert not h.scheduler.view["prefill-0"].healthy
+            assert h.scheduler.metrics.errors.value(("prefill_retried",)) >= 1
+            _assert_clean(h)
+
+    run(body)
+
+
+def test_hung_prefill_is_cut_when_its_health_check_fails_and_requests_move() -> None:
+    async def body() -> None:
+        # The request timeout (600 s) never fires here: the circuit opening does the work.
+        async with cluster(n_prefill=2, max_engine_pending=4) as h:
+            h.prefill[0].config = SLOW
+            tasks = asyncio.ensure_future(_posts(h, 6, "hung"))
+            assert await eventually(lambda: len(h.prefill[0].requests) >= 1)
+            h.prefill[0].healthy = False  # alive, holding the connections, /health says 503
+            results = await tasks
+            assert [r[0] for r in results] == [200] * 6, results
+            assert {r[1]["X-DualMap-Prefill-Instance"] for r in results} == {"prefill-1"}
+            assert await eventually(lambda: h.prefill[0].disconnects >= 1)  # its requests were aborted
+            _assert_clean(h)
+
+    run(body)
+
+
+def test_prefill_5xx_is_retried_on_the_backup_candidate() -> None:
+    async def body() -> None:
+        broken = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=500))
+        async with cluster(n_prefill=2, health_failure_threshold=1) as h:
+            h.prefill[0].config = broken
+            results = await _posts(h, 6, "e")
+            assert [r[0] for r in results] == [200] * 6
+            assert {r[1]["X-DualMap-Prefill-Instance"] for r in results} == {"prefill-1"}
+            _assert_clean(h)
+
+    run(body)
+
+
+def test_every_prefill_dead_gives_503_no_instance_not_a_hang() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=2) as h:
+            for s in h.prefill:
+                await s.stop()
+            status, _, answer = await h.post("/v1/completions", completion("z"))
+            assert status in (502, 503), answer
+            status, _, answer = await h.post("/v1/completions", completion("z2"))
+            assert status == 503 and answer["error"]["code"] == "no_instance"
+            _assert_clean(h)
+
+    run(body)
+
+
+# --- decode instance dies ------------------------------------------------------------------
+
+
+def test_decode_dying_before_its_first_token_is_retried_with_a_fresh_prefill() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=1, n_decode=2) as h:
+            dies = FakeServerConfig(fault_for=lambda b: Fault("disconnect", after_tokens=0))
+            h.decode[0].config = h.decode[1].config = dies
+            h.decode[1].config = FakeServerConfig()
+            for i in range(3):
+                status, headers, text = await h.post("/v1/completions", completion(f"d{i}", stream=True))
+                assert status == 200 and headers["X-DualMap-Decode-Instance"] == "decode-1"
+                events = _sse_events(text)
+                assert events[-1] == "[DONE]"
+                assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == " t0 t1 t2 t3"
+            # decode-0 may have read the prefill's KV before dying: the first request was prefilled
+            # twice; the others never met decode-0 (its circuit is open).
+            assert _served(h) == [4]
+            assert h.scheduler.metrics.errors.value(("decode_reprefilled",)) == 1
+            assert not h.scheduler.view["decode-0"].healthy
+            _assert_clean(h)
+
+    run(body)
+
+
+def test_decode_5xx_before_streaming_is_retried_on_another_decoder() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=1, n_decode=2, health_failure_threshold=5) as h:
+            h.decode[0].config = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=500))
+            for i in range(4):
+                status, headers, answer = await h.post("/v1/completions", completion(f"f{i}"))
+                assert status == 200, answer
+                assert headers["X-DualMap-Decode-Instance"] == "decode-1"
+            _assert_clean(h)
+
+    run(body)
+
+
+def test_decode_dying_mid_stream_ends_with_an_error_event_and_done() -> None:
+    async def body() -> None:
+        dies = FakeServerConfig(fault_for=lambda b: Fault("disconnect", after_tokens=2))
+        async with cluster(n_prefill=1, n_decode=1, decode_config=dies) as h:
+            status, headers, text = await h.post("/v1/completions", completion("m", stream=True))
+            assert status == 200
+            events = _sse_events(text)
+            assert [json.loads(e)["choices"][0]["text"] for e in events[:2]] == [" t0", " t1"]
+            error = json.loads(events[2])["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == "upstream_error" and "decode-0" in error["message"]
+            assert events[3:] == ["[DONE]"]
+            assert not h.scheduler.view["decode-0"].healthy  # a dropped stream is hard evidence
+            _assert_clean(h)
+
+    run(body)
+
+
+def test_non_streamed_decode_dying_mid_body_is_retried_with_a_fresh_prefill() -> None:
+    async def body() -> None:
+        # A non-streamed answer reaches the client only once complete: a death mid-body is
+        # still invisible to it, so the request is retried.
+        dies = FakeServerConfig(fault_for=lambda b: Fault("disconnect"))
+        async with cluster(n_prefill=1, n_decode=2) as h:
+            h.decode[0].config = dies
+            results = await _posts(h, 4, "n")
+            assert [r[0] for r in results] == [200] * 4, results
+            assert {r[1]["X-DualMap-Decode-Instance"] for r in results} == {"decode-1"}
+            assert all(r[2]["choices"][0]["text"] == " t0 t1 t2 t3" for r in results)
+            reprefilled = h.scheduler.metrics.errors.value(("decode_reprefilled",))
+            assert reprefilled >= 1 and _served(h) == [4 + reprefilled]
+            _assert_clean(h)
+
+    run(body)
+
+
+def test_decoder_refusing_connections_is_retried_without_a_second_prefill() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=1, n_decode=2) as h:
+            await h.decode[0].stop()
+            results = await _posts(h, 4, "r")
+            assert [r[0] for r in results] == [200] * 4
+            assert _served(h) == [4]  # refused before sending: the KV was untouched
+            _assert_clean(h)
+
+    run(body)
+
+
+def test_lone_decoder_dead_gives_clean_503() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=1, n_decode=1) as h:
+            await h.decode[0].stop()
+            # Refused, circuit opened, no other decoder for the retry.
+            status, _, answer = await h.post("/v1/completions", completion("l", stream=True))
+            assert status == 503 and answer["error"]["code"] == "no_instance"
+            status, _, answer = await h.post("/v1/completions", completion("l2", stream=True))
+            assert status == 503 and answer["error"]["code"] == "no_instance"
+            _assert_clean(h)
+
+    run(body)
+
+
+# --- the scheduler restarts ----------------------------------------------------------------
+
+
+def test_restarted_scheduler_rebuilds_its_index_from_the_engines_replay_buffer() -> None:
+    prompt = list(range(30, 30 + 3 * BLOCK + 5))
+
+    async def body() -> None:
+        pubs = [FakeKVPublisher(replay_endpoint="tcp://127.0.0.1:*") for _ in range(2)]
+
+        def intake(sched: Scheduler) -> list[KVEventSubscriber]:
+            return [KVEventSubscriber(f"prefill-{i}", p.endpoint, sched.view, BLOCK,
+                                      replay_endpoint=p.replay_endpoint)
+                    for i, p in enumerate(pubs)]  # fmt: skip
+
+        try:
+            pool = FakeBlockPool(block_size=BLOCK)
+            ours = {o for _, o in pool.chain(prompt)}
+            async with cluster(n_prefill=2, intake=intake) as first:
+                await asyncio.to_thread(pubs[1].wait_subscribed)
+                pubs[1].publish(pool.run(pubs[1], prompt))
+                assert await eventually(lambda: ours <= first.scheduler.view["prefill-1"].cached_blocks)
+            # A new scheduler process: empty view, and the engines publish nothing new.
+            async with cluster(n_prefill=2, intake=intake) as second:
+                view = second.scheduler.view
+                assert await eventually(lambda: ours <= view["prefill-1"].cached_blocks)
+                assert not view["prefill-0"].cached_blocks
+                for _ in range(3):
+                    status, headers, _ = await second.post("/v1/completions", completion(prompt))
+                    assert status == 200 and headers["X-DualMap-Prefill-Instance"] == "prefill-1"
+        finally:
+            for p in pubs:
+                p.close()
+
+    run(body)
