@@ -170,6 +170,18 @@ class PrefillRouter:
             st.engine_pending_tokens = 0
         return orphans
 
+    def take_queued(self, name: str) -> list[RoutedRequest]:
+        """Take the requests still waiting in ``name``'s scheduler-side queue out of the router
+        (a draining instance): the caller re-admits them, so they fall to their backup candidate.
+        Requests already dispatched to the engine stay; they finish there."""
+        st = self.view.get(name)
+        if st is None:
+            return []
+        waiting = [self._requests.pop(item[2]) for item in list(st.queue)]
+        for req in waiting:
+            self._dequeue(req)
+        return waiting
+
     # -- rebalancing ------------------------------------------------------------------------
     def rebalance(self, check: tuple[str, ...] | list[str], now: float) -> list[Move]:
         queued = {

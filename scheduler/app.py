@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 
 from scheduler import errors
+from scheduler.admin import install_admin
 from scheduler.errors import ApiError
 from scheduler.pd_client import PDHandoff
 from scheduler.prom import CONTENT_TYPE
@@ -170,6 +171,7 @@ def create_app(scheduler: Scheduler) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    install_admin(app, scheduler)  # /admin/*, behind the admin token (scheduler/admin.py)
     app.router.add_route("*", "/{tail:.*}", fallback)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)

@@ -10,6 +10,7 @@ works the same from any working directory.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,23 @@ class EngineSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The admin API and runtime membership (scheduler/admin.py, scheduler/membership.py).
+
+    The admin API is off unless a token is set here or in the DUALMAP_ADMIN_TOKEN environment
+    variable (the variable wins; prefer it, a token in a config file is easy to leak).
+    """
+
+    token: str | None = None
+    # Hosts (names, IPs) and CIDRs an instance added through the admin API may live on.
+    # None: loopback plus the hosts of the instances in the config file.
+    allowed_hosts: tuple[str, ...] | None = None
+    watch_config: bool = False  # apply instance adds/removes when the config file changes
+    watch_interval_s: float = 2.0
+    recent_prefixes: int = 4096  # routing keys kept to measure candidate churn on changes
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     model: Path  # local model directory (absolute after loading)
     served_model_name: str  # the model name clients send in requests
@@ -102,6 +120,7 @@ class ClusterConfig:
     prefill: tuple[InstanceConfig, ...]
     decode: tuple[InstanceConfig, ...]
     engine: EngineSettings = field(default_factory=EngineSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     source: Path | None = None  # file this was loaded from (for messages), None if built in code
 
     @property
@@ -131,6 +150,8 @@ class ClusterConfig:
                 value = _scheduler({**_asdict(self.scheduler), **value})
             elif key == "engine" and isinstance(value, Mapping):
                 value = _engine({**_asdict(self.engine), **value})
+            elif key == "admin" and isinstance(value, Mapping):
+                value = _admin({**_asdict(self.admin), **value})
             elif key in ("prefill", "decode"):
                 value = tuple(
                     v if isinstance(v, InstanceConfig) else _instance(v, key, f"{key}[{i}]")
@@ -186,6 +207,7 @@ def config_from_dict(
         prefill=_instances(raw["prefill"], "prefill"),
         decode=_instances(raw["decode"], "decode"),
         engine=_engine(raw.get("engine") or {}),
+        admin=_admin(raw.get("admin") or {}),
         source=source,
     )
     _validate(cfg)
@@ -237,6 +259,13 @@ def _instances(raw: Any, role: Role) -> tuple[InstanceConfig, ...]:
     if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
         raise ConfigError(f"{role!r} must be a list of instances")
     return tuple(_instance(item, role, f"{role}[{i}]") for i, item in enumerate(raw))
+
+
+def instance_from_dict(raw: Any, role: str) -> InstanceConfig:
+    """One instance entry, as listed under ``prefill:`` or ``decode:`` (the admin API's body)."""
+    if role not in ("prefill", "decode"):
+        raise ConfigError(f"role must be 'prefill' or 'decode', got {role!r}")
+    return _instance(raw, role, role)  # type: ignore[arg-type]
 
 
 def _instance(raw: Any, role: Role, where: str) -> InstanceConfig:
@@ -297,6 +326,53 @@ def _engine(raw: Any) -> EngineSettings:
         else _int(lease, "engine.kv_lease_duration", lo=1),
         extra_args=tuple(_str(a, f"engine.extra_args[{i}]", empty=True) for i, a in enumerate(extra)),
     )
+
+
+MIN_ADMIN_TOKEN_CHARS = 16
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+
+
+def check_admin_token(token: str, where: str) -> str:
+    """Reject guessable admin tokens (shared by the config key and the environment variable)."""
+    if len(token.strip()) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError(f"{where}: the admin token needs at least {MIN_ADMIN_TOKEN_CHARS} characters")
+    return token
+
+
+def _admin(raw: Any) -> AdminSettings:
+    where = "admin"
+    raw = _mapping(raw, where)
+    _no_unknown(raw, {f.name for f in dataclasses.fields(AdminSettings)}, where)
+    token = raw.get("token")
+    if token is not None:
+        token = check_admin_token(_str(token, f"{where}.token"), f"{where}.token")
+    hosts = raw.get("allowed_hosts")
+    if hosts is not None:
+        if isinstance(hosts, str) or not isinstance(hosts, Sequence):
+            raise ConfigError(f"{where}.allowed_hosts must be a list of hosts or CIDRs")
+        hosts = tuple(_allowed_host(h, f"{where}.allowed_hosts[{i}]") for i, h in enumerate(hosts))
+    interval = raw.get("watch_interval_s", 2.0)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+        raise ConfigError(f"{where}.watch_interval_s must be a positive number, got {interval!r}")
+    return AdminSettings(
+        token=token,
+        allowed_hosts=hosts,
+        watch_config=_bool(raw.get("watch_config", False), f"{where}.watch_config"),
+        watch_interval_s=float(interval),
+        recent_prefixes=_int(raw.get("recent_prefixes", 4096), f"{where}.recent_prefixes", lo=1),
+    )
+
+
+def _allowed_host(value: Any, where: str) -> str:
+    text = _str(value, where).strip()
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return text
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(text):
+        raise ConfigError(f"{where}: {text!r} is neither a host name, an IP address nor a CIDR")
+    return text.lower()
 
 
 def _scheduler(raw: Any) -> SchedulerSettings:

@@ -31,6 +31,7 @@ from dualmap_pd.router import DispatchLimits, PrefillRouter
 from scheduler import errors
 from scheduler.config import ClusterConfig
 from scheduler.health import BreakerPolicy, HealthMonitor
+from scheduler.membership import Membership
 from scheduler.pd_client import PDClient
 from scheduler.prom import KVTransferTotals, SchedulerMetrics
 from scheduler.tokenization import PromptTokenizer
@@ -122,6 +123,7 @@ class Scheduler:
             clock=clock,
         )  # fmt: skip
         self.metrics.registry.register(self.health.collector())
+        self.membership = Membership(self)  # runtime add/drain/remove (admin API, config watch)
         # Request ids unique across restarts and replicas without a per-request uuid4.
         self._id_prefix = f"dm-{os.getpid():x}-{int(time.time() * 1000) & 0xFFFFFF:x}-"
         self._seq = 0
@@ -136,8 +138,10 @@ class Scheduler:
         for svc in self._services:
             await svc.start()
         await self.health.start()
+        await self.membership.start()
 
     async def stop(self) -> None:
+        await self.membership.stop()
         await self.health.stop()
         for svc in reversed(self._services):
             try:
@@ -184,6 +188,7 @@ class Scheduler:
             del self._waiters[rid]
             raise errors.no_instance("prefill") from None
         self.metrics.decision("prefill", decision.branch)
+        self.membership.observe(req)
         self._dispatch(now)
         try:
             return await fut
@@ -315,6 +320,36 @@ class Scheduler:
     # -- views ------------------------------------------------------------------------------
     def estimated_ttft(self, st: InstanceState) -> float:
         return self.prefill_policy.estimated_ttft(st, 0)
+
+    # -- runtime membership (scheduler.membership) -------------------------------------------
+    @property
+    def services(self) -> tuple[BackgroundService, ...]:
+        return tuple(self._services)
+
+    async def add_service(self, svc: BackgroundService) -> None:
+        """Start and own one more intake service (an instance joined at runtime)."""
+        await svc.start()
+        self._services.append(svc)
+
+    async def remove_service(self, svc: BackgroundService) -> None:
+        if svc in self._services:
+            self._services.remove(svc)
+            await svc.stop()
+
+    def readmit_queued(self, reqs: Sequence[RoutedRequest]) -> None:
+        """Re-admit requests taken out of a queue (their instance is draining or gone): they
+        fall to their backup candidate. A request no instance can take fails with 503."""
+        now = self.clock()
+        for req in reqs:
+            fut = self._waiters.get(req.request_id)
+            if fut is None or fut.done():
+                continue  # its client is gone
+            try:
+                self.router.admit(req, now)
+            except NoInstanceError:
+                self._waiters.pop(req.request_id, None)
+                fut.set_exception(errors.no_instance("prefill"))
+        self._dispatch(now)
 
     def instance_url(self, name: str) -> str:
         return self.urls[name]

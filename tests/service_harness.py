@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from scheduler.app import bound_port, create_app, start_site
-from scheduler.config import config_from_dict
+from scheduler.config import ClusterConfig, config_from_dict
 from scheduler.service import IntakeFactory, Scheduler, SchedulerOptions
 from scheduler.tokenization import ChatOptions
 from tests.fakes.openai_server import FakeOpenAIServer, FakeServerConfig
@@ -56,6 +56,25 @@ class Harness:
             return r.status, dict(r.headers), payload
 
 
+def fake_cluster_config(
+    prefill: Sequence[FakeOpenAIServer],
+    decode: Sequence[FakeOpenAIServer],
+    kv_events_ports: Sequence[int] | None = None,
+    admin: dict[str, Any] | None = None,
+) -> ClusterConfig:
+    """The cluster config of fake engines: prefill-<i> and decode-<i> on their ports."""
+    return config_from_dict({
+        "model": "/nonexistent/fake-model", "served_model_name": MODEL, "block_size": BLOCK,
+        "max_model_len": MAX_MODEL_LEN,
+        "prefill": [{"name": f"prefill-{i}", "port": s.port, "nixl_side_channel_port": 40100 + i,
+                     "kv_events_port": kv_events_ports[i] if kv_events_ports else 40200 + i}
+                    for i, s in enumerate(prefill)],
+        "decode": [{"name": f"decode-{i}", "port": s.port, "nixl_side_channel_port": 40300 + i}
+                   for i, s in enumerate(decode)],
+        "admin": admin or {},
+    })  # fmt: skip
+
+
 @asynccontextmanager
 async def cluster(
     n_prefill: int = 2,
@@ -64,19 +83,12 @@ async def cluster(
     decode_config: FakeServerConfig | None = None,
     intake: IntakeFactory | None = None,
     kv_events_ports: Sequence[int] | None = None,
+    admin: dict[str, Any] | None = None,
     **options: Any,
 ) -> AsyncIterator[Harness]:
     prefill = [await FakeOpenAIServer(prefill_config or FakeServerConfig()).start() for _ in range(n_prefill)]
     decode = [await FakeOpenAIServer(decode_config or FakeServerConfig()).start() for _ in range(n_decode)]
-    cfg = config_from_dict({
-        "model": "/nonexistent/fake-model", "served_model_name": MODEL, "block_size": BLOCK,
-        "max_model_len": MAX_MODEL_LEN,
-        "prefill": [{"name": f"prefill-{i}", "port": s.port, "nixl_side_channel_port": 40100 + i,
-                     "kv_events_port": kv_events_ports[i] if kv_events_ports else 40200 + i}
-                    for i, s in enumerate(prefill)],
-        "decode": [{"name": f"decode-{i}", "port": s.port, "nixl_side_channel_port": 40300 + i}
-                   for i, s in enumerate(decode)],
-    })  # fmt: skip
+    cfg = fake_cluster_config(prefill, decode, kv_events_ports, admin)
     opts = SchedulerOptions(**{"health_interval_s": 0.1, "max_body_bytes": 64 * 1024, **options})
     sched = Scheduler(cfg, ByteTokenizer(), options=opts, intake=intake)
     runner = await start_site(create_app(sched), "127.0.0.1", 0)
