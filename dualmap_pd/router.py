@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from dualmap_pd.cluster import ClusterView, Role
 from dualmap_pd.policies.base import PrefillPolicy
+from dualmap_pd.policies.migration import MigrationPlan
 from dualmap_pd.request import Decision, Move, NoInstanceError, RoutedRequest
 
 
@@ -53,6 +54,8 @@ class PrefillRouter:
         # Per instance, the uncached tokens and the instance of each dispatched request.
         self._in_engine: dict[str, tuple[str, int]] = {}
         self._seq = 0
+        # Prefix-migration plans emitted and not yet taken by their executor (take_migrations).
+        self._migrations: list[MigrationPlan] = []
         self._membership_seen = -1
         self.sync_membership()
 
@@ -75,6 +78,7 @@ class PrefillRouter:
             raise NoInstanceError(f"policy chose unavailable instance {decision.instance!r}")
         req.candidates = decision.candidates or (decision.instance,)
         self._requests[req.request_id] = req
+        self._plan_migration(req, decision.instance, now)
         self._enqueue(req, decision.instance, now)
         self.stats.decisions[decision.branch] += 1
         self.policy.on_decision(req, decision, self.view, now)
@@ -84,7 +88,7 @@ class PrefillRouter:
 
     def _enqueue(self, req: RoutedRequest, instance: str, now: float) -> None:
         st = self.view[instance]
-        uncached = req.prompt_tokens - self.view.request_hit_tokens(req, instance)
+        uncached = req.prompt_tokens - self.policy.expected_hit_tokens(req, instance, self.view, now)
         req.queued_on = instance
         req.queued_uncached = max(0, uncached)
         req.enqueued_at = now
@@ -115,9 +119,13 @@ class PrefillRouter:
             if st is None or not st.queue or not st.healthy:
                 continue
             budget = self.policy.ctx.cost.token_budget(self.policy.ctx.slo_ttft, name)
-            while st.queue:
-                req = self._requests[st.queue[0][2]]
-                uncached = max(0, req.prompt_tokens - self.view.request_hit_tokens(req, name))
+            held = 0  # queue head entries left waiting for a prefix copy
+            while len(st.queue) > held:
+                req = self._requests[st.queue[held][2]]
+                if self.policy.migration is not None and self.policy.hold_until(req, name, self.view, now) is not None:
+                    held += 1  # the executor dispatches again when the copy lands or fails
+                    continue
+                uncached = max(0, req.prompt_tokens - self.policy.expected_hit_tokens(req, name, self.view, now))
                 if self.policy.late_dispatch and st.engine_pending_requests > 0:
                     if st.engine_pending_requests >= self.limits.max_engine_pending:
                         break
@@ -196,10 +204,27 @@ class PrefillRouter:
                 continue
             self._dequeue(req)
             req.moves += 1
+            self._plan_migration(req, mv.target, now)
             self._enqueue(req, mv.target, now)
             self.stats.decisions[mv.branch] += 1
             self.stats.moves += 1
         return moves
+
+    # -- prefix migration -------------------------------------------------------------------
+    def _plan_migration(self, req: RoutedRequest, instance: str, now: float) -> None:
+        planner = self.policy.migration
+        if planner is None:
+            return
+        plan = self.policy.migration_for(req, instance, self.view, now)
+        if plan is not None:
+            planner.on_planned(plan, now)
+            self._migrations.append(plan)
+
+    def take_migrations(self) -> list[MigrationPlan]:
+        """Plans emitted since the last call; the caller executes them and reports each to
+        ``policy.migration`` (on_started, then on_finished or on_failed), then dispatches."""
+        plans, self._migrations = self._migrations, []
+        return plans
 
     # -- introspection ----------------------------------------------------------------------
     def get(self, request_id: str) -> RoutedRequest | None:

@@ -2,7 +2,7 @@ import pytest
 
 from dualmap_pd.hotprefix import HotPrefixConfig
 from dualmap_pd.policies import PREFILL_POLICIES
-from dualmap_pd.policies.dualmap import DualMapConfig, DualMapPolicy
+from dualmap_pd.policies.dualmap import DualMapConfig, DualMapMigratePolicy, DualMapPolicy
 from dualmap_pd.request import NoInstanceError
 from dualmap_pd.router import PrefillRouter
 from tests.policy_helpers import make_ctx, make_request, make_view, snapshot
@@ -19,7 +19,10 @@ def setup(n=4, **cfg):
 
 
 def test_registered_by_name():
-    assert PREFILL_POLICIES.get("dualmap") is DualMapPolicy
+    # "dualmap" is this project's DualMap (with prefix migration); the published one keeps a name.
+    assert PREFILL_POLICIES.get("dualmap_nomigrate") is DualMapPolicy
+    assert PREFILL_POLICIES.get("dualmap") is DualMapMigratePolicy
+    assert DualMapPolicy.migration is None
 
 
 def test_affinity_prefers_the_candidate_with_the_longer_hit():

@@ -14,11 +14,14 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from dualmap_pd.cluster import ClusterView, InstanceState, Role
 from dualmap_pd.cost import CostModel
 from dualmap_pd.request import Decision, Move, RoutedRequest
+
+if TYPE_CHECKING:
+    from dualmap_pd.policies.migration import MigrationPlan, MigrationPlanner
 
 
 @dataclass
@@ -42,6 +45,9 @@ class PrefillPolicy(ABC):
     # True: requests wait in scheduler-side queues and are sent to the engine late (DualMap).
     # False: requests go to the engine at once and queue there (every baseline, as published).
     late_dispatch: ClassVar[bool] = False
+    # Prefix-migration planner (policies/migration.py) of policies that copy KV between
+    # prefill instances; its hooks are called by whoever executes the plans.
+    migration: MigrationPlanner | None = None
 
     def __init__(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
@@ -72,6 +78,20 @@ class PrefillPolicy(ABC):
     ) -> list[Move]:
         """Moves of queued requests off overloaded instances among ``check``. Pure."""
         return []
+
+    # Prefix migration (only policies with a planner override these) -------------------------
+    def migration_for(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> MigrationPlan | None:
+        """A prefix copy to ``instance`` that placing ``req`` there calls for. Pure."""
+        return None
+
+    def expected_hit_tokens(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> int:
+        """Prompt tokens ``instance`` is expected to serve from cache (cached, or on their way
+        if waiting for them is faster than recomputing)."""
+        return view.request_hit_tokens(req, instance)
+
+    def hold_until(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> float | None:
+        """Keep ``req`` queued until this time (a prefix copy it should wait for), or None."""
+        return None
 
     # Helpers shared by policies -------------------------------------------------------------
     def estimated_ttft(self, st: InstanceState, uncached_tokens: int) -> float:

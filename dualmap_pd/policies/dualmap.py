@@ -11,6 +11,11 @@ Branch labels: ``affinity`` (kept the better-cached candidate), ``load_tiebreak`
 difference; took the less loaded), ``slo_switch`` (left the better-cached candidate to meet the
 SLO), ``slo_violation`` (both over the threshold, took the faster), ``single`` (only one
 eligible instance), ``rebalanced`` (moved by hotspot rebalancing).
+
+Two registered variants: ``dualmap_nomigrate`` is DualMap as published (a request moved to its
+backup recomputes its prefix there); ``dualmap`` adds hot-prefix KV migration (policies/migration.py):
+the SLO switch and the rebalancer price the backup with the prefix a worthwhile copy would bring,
+and every placement that needs such a copy emits a migration plan.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from dualmap_pd.cluster import ClusterView, Role
 from dualmap_pd.hotprefix import HotPrefixConfig, HotPrefixDetector
 from dualmap_pd.policies.base import PREFILL_POLICIES, PolicyContext, PrefillPolicy
+from dualmap_pd.policies.migration import MigrationConfig, MigrationPlan, MigrationPlanner
 from dualmap_pd.request import Decision, Move, NoInstanceError, RoutedRequest
 from dualmap_pd.ring import DualRing
 
@@ -36,13 +42,16 @@ class DualMapConfig:
     max_queue_wait_s: float = 3.0
     min_queue_to_rebalance: int = 2
     hot_prefix: HotPrefixConfig = HotPrefixConfig()
+    # With migration only (policy "dualmap"): the rebalancer may also move a queued request to
+    # the least-loaded instance, its prefix copied there, not only to its backup candidate.
+    rebalance_to_least_loaded: bool = True
 
 
 @PREFILL_POLICIES.register
 class DualMapPolicy(PrefillPolicy):
     """DualMap as published: dual rings, SLO-aware selection, late dispatch, rebalancing."""
 
-    name = "dualmap"
+    name = "dualmap_nomigrate"
     late_dispatch = True
 
     def __init__(self, ctx: PolicyContext, config: DualMapConfig | None = None) -> None:
@@ -70,7 +79,10 @@ class DualMapPolicy(PrefillPolicy):
         if not cands:
             raise NoInstanceError("no healthy prefill instance")
         hits = [view.request_hit_tokens(req, c) for c in cands]
-        ttfts = [self.estimated_ttft(view[c], req.prompt_tokens - h) for c, h in zip(cands, hits)]
+        # Affinity follows what is cached; the TTFT estimates price what each candidate would
+        # have to compute (with migration, less than its cache alone says).
+        reach = [self.achievable_hit_tokens(req, c, view, now) for c in cands]
+        ttfts = [self.estimated_ttft(view[c], req.prompt_tokens - h) for c, h in zip(cands, reach)]
         scores = {c: t for c, t in zip(cands, ttfts)}
         if len(cands) == 1:
             return Decision(cands[0], "single", cands, hits[0], ttfts[0], scores)
@@ -126,15 +138,17 @@ class DualMapPolicy(PrefillPolicy):
             pt_src = cost.per_token_prefill(src)
             while reqs:
                 best: tuple[float, int, str, int] | None = None
+                spare = self._spare_target(src, view, added)
                 for i, r in enumerate(reqs):
-                    target = self._backup(r, src, view)
-                    if target is None:
-                        continue
-                    unc_t = max(0, r.prompt_tokens - view.request_hit_tokens(r, target))
-                    t_work = view[target].pending_work_tokens() + added.get(target, 0)
-                    gain = pt_src * src_work - cost.per_token_prefill(target) * (t_work + unc_t)
-                    if best is None or gain > best[0]:
-                        best = (gain, i, target, unc_t)
+                    backup = self._backup(r, src, view)
+                    for target in (backup, spare) if spare != backup else (backup,):
+                        if target is None:
+                            continue
+                        unc_t = max(0, r.prompt_tokens - self.achievable_hit_tokens(r, target, view, now))
+                        t_work = view[target].pending_work_tokens() + added.get(target, 0)
+                        gain = pt_src * src_work - cost.per_token_prefill(target) * (t_work + unc_t)
+                        if best is None or gain > best[0]:
+                            best = (gain, i, target, unc_t)
                 if best is None or best[0] <= 0:
                     break
                 gain, i, target, unc_t = best
@@ -147,6 +161,15 @@ class DualMapPolicy(PrefillPolicy):
                     break
         return moves
 
+    def achievable_hit_tokens(self, req: RoutedRequest, target: str, view: ClusterView, now: float) -> int:
+        """Prompt tokens ``target`` would not compute if ``req`` went there (published: its
+        cache hit; a moved request recomputes the rest)."""
+        return view.request_hit_tokens(req, target)
+
+    def _spare_target(self, src: str, view: ClusterView, added: Mapping[str, int]) -> str | None:
+        """A move target besides each request's backup (published DualMap: none)."""
+        return None
+
     def _backup(self, req: RoutedRequest, src: str, view: ClusterView) -> str | None:
         """The request's other candidate, or, if that is gone, the next eligible instance on
         ring B (the authors' code falls back to a neighbour too)."""
@@ -155,3 +178,63 @@ class DualMapPolicy(PrefillPolicy):
                 return c
         excl = set(self._excluded) | {src}
         return self.rings.ring_b.lookup(req.routing_key(self.hot.key_depth(req.block_hashes)), excl)
+
+
+@PREFILL_POLICIES.register
+class DualMapMigratePolicy(DualMapPolicy):
+    """DualMap with hot-prefix KV migration: a request placed away from the instance holding its
+    prefix (SLO switch, rebalancing, a freshly extended hot key) gets the prefix copied there
+    when the cost model says the copy beats recomputing it."""
+
+    name = "dualmap"
+
+    def __init__(
+        self, ctx: PolicyContext, config: DualMapConfig | None = None, migration: MigrationConfig | None = None
+    ) -> None:
+        super().__init__(ctx, config)
+        self.migration = MigrationPlanner(ctx.cost, migration)
+
+    def _spare_target(self, src: str, view: ClusterView, added: Mapping[str, int]) -> str | None:
+        """The least-loaded eligible instance. Without migration a request moved there loses its
+        prefix (DualMap keeps moves on the backup candidate to keep at most two copies); with it,
+        the prefix follows the request, so the rebalancer may also pick the instance with the
+        most room. Moves there are still priced with what it would have to compute."""
+        if not self.config.rebalance_to_least_loaded:
+            return None
+        best, best_work = None, 0
+        for st in view.instances(Role.PREFILL):
+            if st.name == src or not st.eligible:
+                continue
+            work = st.pending_work_tokens() + added.get(st.name, 0)
+            if best is None or work < best_work:
+                best, best_work = st.name, work
+        return best
+
+    def _prefix_share(self, req: RoutedRequest) -> float:
+        """Share of all arrivals expected to bring the request's prefix to one instance: its
+        routing key's share split over its two candidates or, for an extended (hot) key, the hot
+        prefix's share (one block above the key, which is itself unique) spread over every
+        instance."""
+        depth = self.hot.key_depth(req.block_hashes)
+        if depth == 0:
+            return 0.0
+        if depth > self.config.hot_prefix.base_depth:
+            return self.hot.share(req.block_hashes[depth - 2]) / max(1, len(self.rings.members))
+        return self.hot.share(req.block_hashes[depth - 1]) / 2
+
+    def achievable_hit_tokens(self, req: RoutedRequest, target: str, view: ClusterView, now: float) -> int:
+        blocks = self.migration.achievable_hit_blocks(req, target, view, now, self._prefix_share(req))
+        return blocks * view.block_size
+
+    def expected_hit_tokens(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> int:
+        return self.migration.expected_hit_blocks(req, instance, view, now) * view.block_size
+
+    def hold_until(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> float | None:
+        return self.migration.hold_until(req, instance, view, now)
+
+    def migration_for(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> MigrationPlan | None:
+        return self.migration.propose(req, instance, view, now, self._prefix_share(req))
+
+    def on_decision(self, req: RoutedRequest, decision: Decision, view: ClusterView, now: float) -> None:
+        super().on_decision(req, decision, view, now)
+        self.migration.observe_arrival(now)

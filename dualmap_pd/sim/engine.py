@@ -55,6 +55,8 @@ class Engine:
         self._kv_bytes_per_token = profile.kv_bytes_per_token
         self._step_base = profile.decode_step_base_s
         self._step_per_ctx = profile.decode_s_per_context_token
+        # Cached blocks that a prefix migration brought (not computed here), for hit accounting.
+        self.migrated: set[int] = set()
         # Prefill side: dispatched, not started (FCFS) / started, not finished.
         self.waiting: deque[SimRequest] = deque()
         self.prefilling: list[SimRequest] = []
@@ -172,7 +174,12 @@ class Engine:
         cache = self.cache
         if cache is None:
             raise RuntimeError(f"{self.name} is a decode-only engine")
-        hit = cache.match(req.routed.block_hashes) * self._block_size
+        hit_blocks = cache.match(req.routed.block_hashes)
+        hit = hit_blocks * self._block_size
+        if self.migrated:
+            migrated = self.migrated
+            served = sum(1 for h in req.routed.block_hashes[:hit_blocks] if h in migrated)
+            req.migrated_hit_tokens = min(served * self._block_size, max(0, req.prompt_tokens - 1))
         # At least one token is always computed (the engine needs the last position's logits).
         uncached = max(1, req.prompt_tokens - hit)
         req.uncached_tokens = uncached
@@ -259,8 +266,23 @@ class Engine:
         cache = self.cache
         if cache is None:
             return
-        stored, evicted = cache.insert(req.routed.block_hashes)
+        self._insert(cache, req.routed.block_hashes)
+
+    def receive_blocks(self, block_hashes: list[int] | tuple[int, ...]) -> list[int]:
+        """A migrated prefix landed: cache it like a computed one; returns the blocks stored."""
+        cache = self.cache
+        if cache is None:
+            raise RuntimeError(f"{self.name} is a decode-only engine")
+        stored = self._insert(cache, block_hashes)
+        self.migrated.update(stored)
+        return stored
+
+    def _insert(self, cache: PrefixCache, block_hashes: list[int] | tuple[int, ...]) -> list[int]:
+        stored, evicted = cache.insert(block_hashes)
         if evicted:
             self.view.remove_blocks(self.name, evicted)
+            if self.migrated:
+                self.migrated.difference_update(evicted)
         if stored:
             self.view.add_blocks(self.name, stored)
+        return stored

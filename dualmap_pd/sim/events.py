@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from dualmap_pd.policies.migration import MigrationPlan
     from dualmap_pd.sim.engine import Engine
     from dualmap_pd.sim.simulator import Simulator
     from dualmap_pd.sim.state import SimRequest
@@ -60,3 +61,15 @@ class KVTransferDone(Event):
 
     def fire(self, sim: Simulator, now: float) -> None:
         sim.on_kv_arrived(self.request, self.engine, now)
+
+
+class MigrationDone(Event):
+    """A prefix migration's blocks arrived at its target prefill instance."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: MigrationPlan) -> None:
+        self.plan = plan
+
+    def fire(self, sim: Simulator, now: float) -> None:
+        sim.on_migration_done(self.plan, now)

@@ -10,6 +10,12 @@ Modes: ``colocated`` (each engine prefills and decodes, as in the DualMap paper)
 engine chosen by the decode policy). Transfers out of one prefill engine share its link one at
 a time (FIFO); the decode side is not a bottleneck in the model.
 
+Prefix migration (policy ``dualmap``): the router emits plans, the same objects the live
+scheduler's migration runner executes. Here a plan is a copy over the source's link (the same
+FIFO as its P->D transfers): the source pins the blocks from the start until the copy lands, the
+target then caches them (LRU, within its capacity) and tells the view, and requests that waited
+for the copy are dispatched. A plan whose source no longer holds the prefix fails at once.
+
 Deterministic for a config: no wall clock, the only randomness is the policies' seeded RNGs,
 and time ties are broken by event insertion order.
 """
@@ -26,11 +32,12 @@ from dualmap_pd.cluster import ClusterView, Role
 from dualmap_pd.cost import CostModel
 from dualmap_pd.metrics import summarize
 from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES, PolicyContext
+from dualmap_pd.policies.migration import MigrationPlan
 from dualmap_pd.request import RoutedRequest
 from dualmap_pd.router import PrefillRouter
 from dualmap_pd.sim.config import SimConfig
 from dualmap_pd.sim.engine import Engine
-from dualmap_pd.sim.events import Arrival, Event, KVTransferDone, StepDone
+from dualmap_pd.sim.events import Arrival, Event, KVTransferDone, MigrationDone, StepDone
 from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.sim.state import SimRequest
 from dualmap_pd.sim.workload import PreparedTrace, default_warmup, load_prepared
@@ -59,6 +66,7 @@ class SimResult:
     sim_end_s: float = 0.0
     events: int = 0
     engine_steps: int = 0
+    migrations: dict[str, int] = field(default_factory=dict)
 
     @property
     def measured(self) -> list[SimRequest]:
@@ -82,6 +90,8 @@ class SimResult:
         }
         out.update(summarize(self.measured, cfg.slo_ttft, self.prefill_names))
         out["kv_bytes_moved"] = self.kv_bytes_moved
+        out["migrations"] = dict(self.migrations)
+        out["migrated_hit_tokens"] = sum(r.migrated_hit_tokens for r in self.measured)
         out["moves"] = self.moves
         out["decisions"] = dict(sorted(self.decisions.items()))
         out["decode_decisions"] = dict(sorted(self.decode_decisions.items()))
@@ -133,6 +143,7 @@ class Simulator:
         self._link_free: dict[str, float] = dict.fromkeys(self.prefill_names, 0.0)
         self._completed = 0
         self._kv_bytes = 0
+        self._migrating: dict[int, MigrationPlan] = {}
         self._decode_decisions: Counter[str] = Counter()
         self.now = 0.0
 
@@ -175,6 +186,7 @@ class Simulator:
         moves = self.router.stats.moves
         decision = self.router.admit(routed, now)
         req.branch = decision.branch
+        self._start_migrations(now)
         # Rebalancing may have moved queued requests anywhere: then look at every queue.
         self._dispatch(now, [decision.instance] if self.router.stats.moves == moves else None)
 
@@ -186,6 +198,7 @@ class Simulator:
             moves = self.router.stats.moves
             for req in prefills:
                 self._prefill_finished(req, engine, now)
+            self._start_migrations(now)
             self._dispatch(now, [engine.name] if self.router.stats.moves == moves else None)
         self._kick(engine, now)
 
@@ -193,7 +206,34 @@ class Simulator:
         engine.join_decode(req)
         self._kick(engine, now)
 
+    def on_migration_done(self, plan: MigrationPlan, now: float) -> None:
+        del self._migrating[plan.plan_id]
+        self.engines[plan.source].cache.unpin(plan.block_hashes)  # type: ignore[union-attr]
+        self.engines[plan.target].receive_blocks(plan.block_hashes)
+        planner = self.policy.migration
+        if planner is not None:
+            planner.on_finished(plan, now)
+        self._dispatch(now, [plan.target])
+
     # -- helpers ----------------------------------------------------------------------------------
+    def _start_migrations(self, now: float) -> None:
+        planner = self.policy.migration
+        if planner is None:
+            return
+        for plan in self.router.take_migrations():
+            cache = self.engines[plan.source].cache
+            if cache is None or not cache.holds(plan.block_hashes):
+                planner.on_failed(plan, now, "source_evicted")
+                self._dispatch(now, [plan.target])
+                continue
+            cache.pin(plan.block_hashes)
+            start = max(now, self._link_free[plan.source])
+            done = start + self.cost.transfer_time(plan.nbytes, planner.link)
+            self._link_free[plan.source] = done
+            planner.on_started(plan, now, expected_ready_at=done)
+            self._migrating[plan.plan_id] = plan
+            self.schedule(done, MigrationDone(plan))
+
     def _dispatch(self, now: float, instances: list[str] | None) -> None:
         touched: dict[str, Engine] = {}
         for routed, name in self.router.take_dispatchable(now, instances):
@@ -263,6 +303,8 @@ class Simulator:
             raise SimulationError(f"{len(missing)} requests never arrived (first: {missing[0]})")
         reqs: list[SimRequest] = [r for r in self.requests if r is not None]
         bad = [r for r in reqs if r.completions != 1 or r.prefills_done != 1]
+        if self._migrating:
+            raise SimulationError(f"{len(self._migrating)} migrations never landed")
         if bad or self._live or len(self.router):
             first = bad[0].routed.request_id if bad else next(iter(self._live), "?")
             raise SimulationError(
@@ -284,7 +326,18 @@ class Simulator:
             sim_end_s=self.now,
             events=events,
             engine_steps=sum(e.steps_run for e in self.engines.values()),
+            migrations=self._migration_totals(),
         )
+
+    def _migration_totals(self) -> dict[str, int]:
+        planner = self.policy.migration
+        if planner is None:
+            return {}
+        s = planner.stats
+        return {
+            "planned": s.planned, "started": s.started, "finished": s.finished, "failed": s.failed,
+            "expired": s.expired, "bytes_moved": s.bytes_moved, "blocks_moved": s.blocks_moved,
+        }  # fmt: skip
 
 
 def simulate(config: SimConfig, trace: PreparedTrace | None = None, progress: ProgressFn | None = None) -> SimResult:

@@ -24,6 +24,7 @@ class SimRequest:
     first_token_at: float = -1.0  # prefill completion
     finished_at: float = -1.0  # last token
     kv_bytes_moved: int = 0  # P->D transfer (disaggregated)
+    migrated_hit_tokens: int = 0  # of hit_tokens, those served from blocks a migration brought
     # Invariant counters: each must end at exactly 1 (the simulator checks).
     prefills_done: int = 0
     completions: int = 0
