@@ -16,6 +16,7 @@ from aiohttp import web
 
 from scheduler import errors
 from scheduler.admin import install_admin
+from scheduler.auth import ApiKeyGuard
 from scheduler.errors import ApiError
 from scheduler.pd_client import PDHandoff
 from scheduler.prom import CONTENT_TYPE
@@ -33,6 +34,7 @@ from scheduler.validation import (
 log = logging.getLogger(__name__)
 SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
 HANDOFF_KEY = web.AppKey("handoff", PDHandoff)
+API_KEYS_KEY = web.AppKey("api_keys", ApiKeyGuard)
 _encode = msgspec.json.encode
 
 
@@ -71,6 +73,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     arrival = sched.clock()
     outcome = "ok"
     try:
+        request.app[API_KEYS_KEY].check(request)  # before the body is even read
         body = decode_body(await _read_body(request, sched.options.max_body_bytes))
         served = sched.config.served_model_name
         if endpoint is Endpoint.COMPLETIONS:
@@ -112,6 +115,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def models(request: web.Request) -> web.Response:
     sched = request.app[SCHEDULER_KEY]
+    try:
+        request.app[API_KEYS_KEY].check(request)
+    except ApiError as err:
+        sched.metrics.error(err.kind)
+        return err.to_response()
     cfg = sched.config
     card = {
         "id": cfg.served_model_name,
@@ -162,9 +170,11 @@ async def _stop(app: web.Application) -> None:
     await app[SCHEDULER_KEY].stop()
 
 
-def create_app(scheduler: Scheduler) -> web.Application:
+def create_app(scheduler: Scheduler, api_keys: ApiKeyGuard | None = None) -> web.Application:
+    """``api_keys``: client keys for the /v1 API (scheduler/auth.py); None leaves it open."""
     app = web.Application(client_max_size=scheduler.options.max_body_bytes)
     app[SCHEDULER_KEY] = scheduler
+    app[API_KEYS_KEY] = api_keys or ApiKeyGuard()
     app[HANDOFF_KEY] = PDHandoff(scheduler)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -192,9 +202,10 @@ def bound_port(runner: web.AppRunner) -> int:
 
 
 async def serve_forever(scheduler: Scheduler, host: str, port: int,
-                        ready: Callable[[int], None] | None = None) -> None:  # fmt: skip
+                        ready: Callable[[int], None] | None = None,
+                        api_keys: ApiKeyGuard | None = None) -> None:  # fmt: skip
     """Run the app until cancelled (Ctrl-C), then shut down cleanly."""
-    runner = await start_site(create_app(scheduler), host, port)
+    runner = await start_site(create_app(scheduler, api_keys), host, port)
     try:
         if ready is not None:
             ready(bound_port(runner))

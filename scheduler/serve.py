@@ -28,6 +28,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="late dispatch: prefills an engine may hold at once")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                         help="larger request bodies get 413")  # fmt: skip
+    parser.add_argument("--api-keys-file", metavar="PATH",
+                        help="client API keys, one per line (also DUALMAP_API_KEYS, comma-separated); "
+                             "none: the /v1 API is open")  # fmt: skip
+    parser.add_argument("--connect-timeout", type=float, default=5.0,
+                        help="seconds to connect to an engine before it counts as down")  # fmt: skip
+    parser.add_argument("--prefill-timeout", type=float, default=600.0,
+                        help="seconds a prefill leg may take before the client gets 504")  # fmt: skip
+    parser.add_argument("--decode-idle-timeout", type=float, default=600.0,
+                        help="longest silence between two decode chunks before the request ends")  # fmt: skip
+    parser.add_argument("--health-interval", type=float, default=2.0,
+                        help="seconds between active /health probes of every engine")  # fmt: skip
     parser.add_argument("--no-kv-events", action="store_true",
                         help="do not subscribe to the prefill engines' KV events")  # fmt: skip
     parser.add_argument("--no-engine-metrics", action="store_true",
@@ -42,7 +53,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import signal
 
     from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES
+    import os
+
     from scheduler.app import serve_forever
+    from scheduler.auth import ApiKeyError, ApiKeyGuard
     from scheduler.config import ConfigError, load_config
     from scheduler.service import Scheduler, SchedulerOptions, default_intake
     from scheduler.tokenization import HFPromptTokenizer
@@ -61,18 +75,30 @@ def run_serve(args: argparse.Namespace) -> int:
             cost_profile=args.profile,
             max_engine_pending=args.max_engine_pending,
             max_body_bytes=args.max_body_bytes,
+            connect_timeout_s=args.connect_timeout,
+            prefill_timeout_s=args.prefill_timeout,
+            decode_idle_timeout_s=args.decode_idle_timeout,
+            health_interval_s=args.health_interval,
         )
+        timeouts = (args.connect_timeout, args.prefill_timeout, args.decode_idle_timeout, args.health_interval)
+        if min(timeouts) <= 0:
+            raise ValueError("timeouts and --health-interval must be positive")
+        api_keys = ApiKeyGuard.from_sources(os.environ, args.api_keys_file)
         PREFILL_POLICIES.get(options.prefill_policy)
         DECODE_POLICIES.get(options.decode_policy)
         if options.max_engine_pending < 1 or options.max_body_bytes < 1 or options.slo_ttft <= 0:
             raise ValueError("--max-engine-pending, --max-body-bytes and --slo-ttft must be positive")
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, ApiKeyError) as exc:
         print(f"dualmap-pd serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     tokenizer = HFPromptTokenizer(cfg.model)
     intake = default_intake(kv_events=not args.no_kv_events, engine_metrics=not args.no_engine_metrics)
     scheduler = Scheduler(cfg, tokenizer, options=options, intake=intake)
+
+    if not api_keys.enabled and cfg.scheduler.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"dualmap-pd serve: warning: listening on {cfg.scheduler.host} with no API keys: "
+              "anyone who can reach it can use the engines", file=sys.stderr)  # fmt: skip
 
     def ready(port: int) -> None:
         print(f"dualmap-pd serve: {options.prefill_policy} over {len(cfg.prefill)} prefill + "
@@ -85,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            await serve_forever(scheduler, cfg.scheduler.host, cfg.scheduler.port, ready)
+            await serve_forever(scheduler, cfg.scheduler.host, cfg.scheduler.port, ready, api_keys)
         except asyncio.CancelledError:
             pass
 

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from scheduler.app import bound_port, create_app, start_site
+from scheduler.auth import ApiKeyGuard
 from scheduler.config import ClusterConfig, config_from_dict
 from scheduler.service import IntakeFactory, Scheduler, SchedulerOptions
 from scheduler.tokenization import ChatOptions
@@ -46,8 +47,8 @@ class Harness:
 
     async def post(self, path: str, body: Any, **kw: Any) -> tuple[int, dict[str, Any], Any]:
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        async with self.client.post(self.url + path, data=data,
-                                    headers={"Content-Type": "application/json"}, **kw) as r:  # fmt: skip
+        headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
+        async with self.client.post(self.url + path, data=data, headers=headers, **kw) as r:
             text = await r.text()
             try:
                 payload = json.loads(text)
@@ -84,6 +85,7 @@ async def cluster(
     intake: IntakeFactory | None = None,
     kv_events_ports: Sequence[int] | None = None,
     admin: dict[str, Any] | None = None,
+    api_keys: ApiKeyGuard | None = None,
     **options: Any,
 ) -> AsyncIterator[Harness]:
     prefill = [await FakeOpenAIServer(prefill_config or FakeServerConfig()).start() for _ in range(n_prefill)]
@@ -91,7 +93,7 @@ async def cluster(
     cfg = fake_cluster_config(prefill, decode, kv_events_ports, admin)
     opts = SchedulerOptions(**{"health_interval_s": 0.1, "max_body_bytes": 64 * 1024, **options})
     sched = Scheduler(cfg, ByteTokenizer(), options=opts, intake=intake)
-    runner = await start_site(create_app(sched), "127.0.0.1", 0)
+    runner = await start_site(create_app(sched, api_keys), "127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession() as client:
             yield Harness(sched, f"http://127.0.0.1:{bound_port(runner)}", client, prefill, decode)
