@@ -32,6 +32,20 @@ def register_launch(subparsers: Any) -> argparse.ArgumentParser:
         default="idle",
         help="priority for NIXL's busy-looping UCX progress threads (default: SCHED_IDLE)",
     )
+    scale = p.add_argument_group(
+        "scale-out", "start one extra instance that is not in the config (instead of the config's "
+        "servers) and optionally register it with a running scheduler (docs/membership.md)")
+    who = scale.add_mutually_exclusive_group()
+    who.add_argument("--add-prefill", metavar="NAME", help="start an extra prefill instance")
+    who.add_argument("--add-decode", metavar="NAME", help="start an extra decode instance")
+    scale.add_argument("--host", default="127.0.0.1", help="its address (default 127.0.0.1)")
+    scale.add_argument("--port", type=int, help="its HTTP port (default: a free one above the config's)")
+    scale.add_argument("--nixl-port", type=int, help="its NIXL side-channel port (default: free)")
+    scale.add_argument("--kv-events-port", type=int, help="its KV-event port, prefill (default: free)")
+    scale.add_argument("--cpus", help="CPU list to pin it to, e.g. '1'")
+    scale.add_argument("--register", metavar="SCHEDULER_URL",
+                       help="add it to this scheduler's admin API once healthy (token from "
+                       "DUALMAP_ADMIN_TOKEN); removed again on Ctrl-C")  # fmt: skip
     p.set_defaults(func=_launch)
     return p
 
@@ -45,9 +59,22 @@ def _launch(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}")
         return 2
-    return run_launch(
-        cfg, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners, names=args.only
-    )
+    extra = args.add_prefill or args.add_decode
+    if extra is None:
+        if args.register:
+            print("--register needs --add-prefill NAME or --add-decode NAME")
+            return 2
+        return run_launch(
+            cfg, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners, names=args.only
+        )
+    from scheduler.scale_out import ScaleOutRequest, run_scale_out
+
+    req = ScaleOutRequest(
+        role="prefill" if args.add_prefill else "decode", name=extra, host=args.host,
+        port=args.port, nixl_side_channel_port=args.nixl_port, kv_events_port=args.kv_events_port,
+        cpus=args.cpus, register=args.register,
+    )  # fmt: skip
+    return run_scale_out(cfg, req, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners)
 
 
 def register_build_tiny_model(subparsers: Any) -> argparse.ArgumentParser:
