@@ -39,6 +39,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest silence between two decode chunks before the request ends")  # fmt: skip
     parser.add_argument("--health-interval", type=float, default=2.0,
                         help="seconds between active /health probes of every engine")  # fmt: skip
+    parser.add_argument("--migration", default="off", metavar="BACKEND",
+                        help="hot-prefix KV migration between prefill instances: a backend of the "
+                             "dualmap_pd.migrators entry points (nixl, lmcache) or off; the policy "
+                             "'dualmap' plans copies only when a backend runs them")  # fmt: skip
+    parser.add_argument("--migration-timeout", type=float, default=30.0,
+                        help="seconds before a prefix migration counts as failed")  # fmt: skip
     parser.add_argument("--no-kv-events", action="store_true",
                         help="do not subscribe to the prefill engines' KV events")  # fmt: skip
     parser.add_argument("--no-engine-metrics", action="store_true",
@@ -52,6 +58,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from dualmap_pd.migration import MigrationError
     from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES
     import os
 
@@ -79,6 +86,8 @@ def run_serve(args: argparse.Namespace) -> int:
             prefill_timeout_s=args.prefill_timeout,
             decode_idle_timeout_s=args.decode_idle_timeout,
             health_interval_s=args.health_interval,
+            migration_backend=args.migration,
+            migration_timeout_s=args.migration_timeout,
         )
         timeouts = (args.connect_timeout, args.prefill_timeout, args.decode_idle_timeout, args.health_interval)
         if min(timeouts) <= 0:
@@ -94,7 +103,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     tokenizer = HFPromptTokenizer(cfg.model)
     intake = default_intake(kv_events=not args.no_kv_events, engine_metrics=not args.no_engine_metrics)
-    scheduler = Scheduler(cfg, tokenizer, options=options, intake=intake)
+    try:
+        scheduler = Scheduler(cfg, tokenizer, options=options, intake=intake)
+    except MigrationError as exc:  # a backend that cannot work here says so at start-up
+        print(f"dualmap-pd serve: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     if not api_keys.enabled and cfg.scheduler.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dualmap-pd serve: warning: listening on {cfg.scheduler.host} with no API keys: "

@@ -31,6 +31,7 @@ from dualmap_pd.router import DispatchLimits, PrefillRouter
 from scheduler import errors
 from scheduler.config import ClusterConfig
 from scheduler.health import BreakerPolicy, HealthMonitor
+from scheduler.migration_runner import MigrationRunnerOptions, migration_runner_for
 from scheduler.membership import Membership
 from scheduler.pd_client import PDClient
 from scheduler.prom import KVTransferTotals, SchedulerMetrics
@@ -62,6 +63,8 @@ class SchedulerOptions:
     health_interval_s: float = 2.0  # active /health probe period (scheduler.health)
     health_failure_threshold: int = 3  # timeouts/5xx/failed probes in a row that open a circuit
     health_open_s: float | None = None  # open circuit's wait before a half-open probe (None: interval)
+    migration_backend: str = "off"  # prefix-migration backend (nixl, lmcache) or off (scheduler.migration_runner)
+    migration_timeout_s: float = 30.0  # a prefix migration taking longer counts as failed
 
     @classmethod
     def from_config(cls, config: ClusterConfig, **overrides: object) -> SchedulerOptions:
@@ -124,6 +127,10 @@ class Scheduler:
         )  # fmt: skip
         self.metrics.registry.register(self.health.collector())
         self.membership = Membership(self)  # runtime add/drain/remove (admin API, config watch)
+        # Executes the policy's prefix-migration plans (None: off, and the policy plans none).
+        self.migrations = migration_runner_for(
+            self, MigrationRunnerOptions(opts.migration_backend, opts.migration_timeout_s)
+        )
         # Request ids unique across restarts and replicas without a per-request uuid4.
         self._id_prefix = f"dm-{os.getpid():x}-{int(time.time() * 1000) & 0xFFFFFF:x}-"
         self._seq = 0
@@ -135,6 +142,8 @@ class Scheduler:
         self.client = PDClient(self.options)
         if self._intake_factory is not None:
             self._services = list(self._intake_factory(self))
+        if self.migrations is not None:
+            self._services.append(self.migrations)
         for svc in self._services:
             await svc.start()
         await self.health.start()
@@ -162,7 +171,7 @@ class Scheduler:
         self._seq += 1
         bs = self.view.block_size
         hashes = block_hashes(prompt_ids, bs)
-        return RoutedRequest(
+        req = RoutedRequest(
             request_id=f"{self._id_prefix}{self._seq}",
             prompt_tokens=len(prompt_ids),
             block_hashes=hashes,
@@ -172,6 +181,9 @@ class Scheduler:
             fallback_key=0 if hashes else hash_block(None, prompt_ids),
             expected_output_tokens=max_tokens,
         )
+        if self.migrations is not None:  # a plan's prefix tokens are cut from this prompt
+            self.migrations.remember(req, prompt_ids)
+        return req
 
     async def acquire_prefill(self, req: RoutedRequest) -> str:
         """Admit ``req`` and wait until it may go to its prefill instance; returns the name.
@@ -199,6 +211,8 @@ class Scheduler:
 
     def _dispatch(self, now: float) -> None:
         """Hand every dispatchable queued request to its waiting handler."""
+        if self.migrations is not None:
+            self.migrations.submit(self.router.take_migrations())
         while True:
             released = False
             for req, instance in self.router.take_dispatchable(now):
@@ -227,6 +241,8 @@ class Scheduler:
         cached = engine_hit if engine_hit is not None else predicted_hit
         self.cost.observe_prefill(instance, req.prompt_tokens - cached, cached, seconds)
         self.metrics.prefill_done(instance, seconds, req.prompt_tokens, predicted_hit, engine_hit)
+        if self.migrations is not None:
+            self.migrations.note_prefill(req, instance, cached)
         self._dispatch(now)
 
     def abort_prefill(self, req: RoutedRequest) -> None:

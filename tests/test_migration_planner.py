@@ -273,3 +273,20 @@ def test_nomigrate_never_migrates(hot_trace: PreparedTrace):
     cfg = SimConfig(trace=hot_trace.source, policy="dualmap_nomigrate", mode="disaggregated", qps=6.0)
     res = Simulator(cfg, hot_trace).run()
     assert res.migrations == {} and res.summary()["migrated_hit_tokens"] == 0
+
+
+def test_measured_copies_recalibrate_the_expected_transfer_time():
+    view = make_view(2)
+    req = make_request("r", [1, 2, 3, 4])
+    view.add_blocks("p0", req.block_hashes)
+    pl = planner()
+    plan = pl.propose(req, "p1", view, 0.0)
+    assert plan is not None
+    modelled = pl.transfer_time(plan.nbytes)
+    pl.on_planned(plan, 0.0)
+    pl.on_started(plan, 0.0)
+    pl.on_finished(plan, 0.1, seconds=10 * modelled)
+    assert pl.transfer_scale == pytest.approx(10.0)
+    assert pl.transfer_time(plan.nbytes) == pytest.approx(10 * modelled)
+    again = pl.propose(req, "p1", view, 0.2)  # the next plan is priced with the scale
+    assert again is not None and again.transfer_s == pytest.approx(10 * modelled)

@@ -46,7 +46,8 @@ class PrefillPolicy(ABC):
     # False: requests go to the engine at once and queue there (every baseline, as published).
     late_dispatch: ClassVar[bool] = False
     # Prefix-migration planner (policies/migration.py) of policies that copy KV between
-    # prefill instances; its hooks are called by whoever executes the plans.
+    # prefill instances; its hooks are called by whoever executes the plans. Setting it to None
+    # turns migration off (nothing would execute the plans).
     migration: MigrationPlanner | None = None
 
     def __init__(self, ctx: PolicyContext) -> None:

@@ -199,7 +199,7 @@ class DualMapMigratePolicy(DualMapPolicy):
         prefix (DualMap keeps moves on the backup candidate to keep at most two copies); with it,
         the prefix follows the request, so the rebalancer may also pick the instance with the
         most room. Moves there are still priced with what it would have to compute."""
-        if not self.config.rebalance_to_least_loaded:
+        if self.migration is None or not self.config.rebalance_to_least_loaded:
             return None
         best, best_work = None, 0
         for st in view.instances(Role.PREFILL):
@@ -222,19 +222,30 @@ class DualMapMigratePolicy(DualMapPolicy):
             return self.hot.share(req.block_hashes[depth - 2]) / max(1, len(self.rings.members))
         return self.hot.share(req.block_hashes[depth - 1]) / 2
 
+    # ``migration`` may be set to None (a live scheduler with no migration backend): then this
+    # policy routes exactly as the published one.
     def achievable_hit_tokens(self, req: RoutedRequest, target: str, view: ClusterView, now: float) -> int:
+        if self.migration is None:
+            return view.request_hit_tokens(req, target)
         blocks = self.migration.achievable_hit_blocks(req, target, view, now, self._prefix_share(req))
         return blocks * view.block_size
 
     def expected_hit_tokens(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> int:
+        if self.migration is None:
+            return view.request_hit_tokens(req, instance)
         return self.migration.expected_hit_blocks(req, instance, view, now) * view.block_size
 
     def hold_until(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> float | None:
+        if self.migration is None:
+            return None
         return self.migration.hold_until(req, instance, view, now)
 
     def migration_for(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> MigrationPlan | None:
+        if self.migration is None:
+            return None
         return self.migration.propose(req, instance, view, now, self._prefix_share(req))
 
     def on_decision(self, req: RoutedRequest, decision: Decision, view: ClusterView, now: float) -> None:
         super().on_decision(req, decision, view, now)
-        self.migration.observe_arrival(now)
+        if self.migration is not None:
+            self.migration.observe_arrival(now)

@@ -58,6 +58,9 @@ class MigrationConfig:
         120.0, "a plan neither finished nor failed after this long is dropped (its executor is gone)"
     )
     rate_smoothing_s: float = _opt(10.0, "time constant of the arrival-rate estimate (seconds)")
+    transfer_smoothing: float = _opt(
+        0.3, "weight of a measured migration in the running measured/modelled transfer-time ratio"
+    )
 
     def validate(self) -> MigrationConfig:
         if self.max_per_instance < 1:
@@ -66,7 +69,7 @@ class MigrationConfig:
             raise ValueError(f"max_bytes_in_flight must be positive, got {self.max_bytes_in_flight}")
         if self.min_blocks < 1:
             raise ValueError(f"min_blocks must be >= 1, got {self.min_blocks}")
-        for name in ("min_gain_ratio", "horizon_s", "stale_after_s", "rate_smoothing_s"):
+        for name in ("min_gain_ratio", "horizon_s", "stale_after_s", "rate_smoothing_s", "transfer_smoothing"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         return self
@@ -142,6 +145,10 @@ class MigrationPlanner:
         # Arrival-rate estimate (requests/s), exponentially smoothed over rate_smoothing_s.
         self._rate = 0.0
         self._last_arrival: float | None = None
+        # Measured / modelled migration time (live: two engine round trips on top of the link;
+        # 1.0 until a migration was measured), so waits and go/no-go use what copies really take.
+        self.transfer_scale = 1.0
+        self._transfers_seen = 0
 
     # -- queries (pure) ---------------------------------------------------------------------
     @property
@@ -233,7 +240,7 @@ class MigrationPlanner:
         nbytes = self.cost.kv_bytes(missing_tokens)
         if self._bytes_in_flight + nbytes > cfg.max_bytes_in_flight:
             return None
-        transfer = self.link.transfer_time(nbytes)
+        transfer = self.transfer_time(nbytes)
         saving = self.cost.per_token_prefill(target) * missing_tokens * self.expected_uses(target_share)
         if saving < cfg.min_gain_ratio * transfer:
             return None
@@ -250,6 +257,10 @@ class MigrationPlanner:
             transfer_s=transfer,
             saving_s=saving,
         )
+
+    def transfer_time(self, nbytes: int) -> float:
+        """Expected time of a copy of ``nbytes``: the link model, recalibrated by measurements."""
+        return self.link.transfer_time(nbytes) * self.transfer_scale
 
     def achievable_hit_blocks(
         self, req: RoutedRequest, target: str, view: ClusterView, now: float, target_share: float = 0.0
@@ -294,16 +305,26 @@ class MigrationPlanner:
         if entry is None or entry.started:
             return
         entry.started = True
-        entry.ready_at = expected_ready_at if expected_ready_at is not None else now + plan.transfer_s
+        entry.ready_at = expected_ready_at if expected_ready_at is not None else now + self.transfer_time(plan.nbytes)
         arriving = self._arriving.get(plan.target, {})
         for h in plan.missing_hashes:
             if arriving.get(h, (0.0, -1))[1] == plan.plan_id:
                 arriving[h] = (entry.ready_at, plan.plan_id)
         self.stats.started += 1
 
-    def on_finished(self, plan: MigrationPlan, now: float, bytes_moved: int | None = None) -> None:
+    def on_finished(
+        self, plan: MigrationPlan, now: float, bytes_moved: int | None = None, seconds: float | None = None
+    ) -> None:
         """The copy landed: the target's cache index learns of the blocks from the engine (KV
-        events live, the simulated engine in the simulator), so only the bookkeeping goes."""
+        events live, the simulated engine in the simulator), so only the bookkeeping goes.
+        ``seconds``, when measured, recalibrates the expected transfer time."""
+        if seconds is not None and seconds > 0:
+            modelled = self.link.transfer_time(plan.nbytes)
+            if modelled > 0:
+                ratio = seconds / modelled
+                w = self.config.transfer_smoothing
+                self.transfer_scale = ratio if self._transfers_seen == 0 else (1 - w) * self.transfer_scale + w * ratio
+                self._transfers_seen += 1
         if self._release(plan):
             self.stats.finished += 1
             self.stats.bytes_moved += plan.nbytes if bytes_moved is None else bytes_moved
