@@ -18,6 +18,7 @@ allow-list (scheduler/allowlist.py). Every refusal is an OpenAI-format error.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,7 +45,7 @@ class AdminGuard:
     """The admin-token check. The only place it is made."""
 
     def __init__(self, token: str | None) -> None:
-        self._token = None if token is None else token.encode()
+        self._token = None if token is None else _digest(token)
 
     @classmethod
     def from_config(cls, configured: str | None, environ: Mapping[str, str]) -> AdminGuard:
@@ -67,8 +68,8 @@ class AdminGuard:
             raise ApiError(401, "the admin API needs 'Authorization: Bearer <admin token>'",
                            type=AUTHENTICATION_ERROR, code="missing_admin_token",
                            kind="admin_unauthorized")  # fmt: skip
-        # Constant-time comparison: response timing must not reveal the token's prefix.
-        if not hmac.compare_digest(given.strip().encode(), self._token):
+        # Constant-time comparison of digests: timing reveals neither a prefix nor the length.
+        if not hmac.compare_digest(_digest(given.strip()), self._token):
             raise ApiError(403, "invalid admin token", type=PERMISSION_ERROR,
                            code="invalid_admin_token", kind="admin_forbidden")  # fmt: skip
 
@@ -161,6 +162,10 @@ def install_admin(app: web.Application, scheduler: Scheduler,
 
 
 # -- helpers --------------------------------------------------------------------------------
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=_encode(body), status=status, content_type="application/json")
 
