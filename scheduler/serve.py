@@ -62,6 +62,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES
     import os
 
+    from scheduler.admin import AdminGuard
     from scheduler.app import serve_forever
     from scheduler.auth import ApiKeyError, ApiKeyGuard
     from scheduler.config import ConfigError, load_config
@@ -93,6 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if min(timeouts) <= 0:
             raise ValueError("timeouts and --health-interval must be positive")
         api_keys = ApiKeyGuard.from_sources(os.environ, args.api_keys_file)
+        AdminGuard.from_config(cfg.admin.token, os.environ)  # a bad admin token fails here, not later
         PREFILL_POLICIES.get(options.prefill_policy)
         DECODE_POLICIES.get(options.decode_policy)
         if options.max_engine_pending < 1 or options.max_body_bytes < 1 or options.slo_ttft <= 0:
