@@ -104,3 +104,25 @@ def test_every_admitted_request_is_dispatched_exactly_once(ops):
             running.append(r.request_id)
     assert sorted(sent) == sorted(f"r{i}" for i in range(len(ops)))
     assert all(s.engine_pending_requests == 0 and s.queued_uncached_tokens == 0 for s in view.instances())
+
+
+def test_take_queued_returns_only_the_waiting_requests_of_a_draining_instance():
+    view = make_view(2)
+    router = PrefillRouter(DualMapPolicy(make_ctx()), view, DispatchLimits(max_engine_pending=1))
+    reqs = [make_request(f"r{i}", [i % 3, i], tokens=600) for i in range(10)]
+    for r in reqs:
+        router.admit(r, 0.0)
+    in_engine = {r.request_id: name for r, name in router.take_dispatchable(0.0)}
+    victim = max(("p0", "p1"), key=lambda n: len(view[n].queue))
+    waiting = {r.request_id for r in router.queued_requests(victim)}
+    assert waiting
+    view.set_draining(victim, True)
+    taken = router.take_queued(victim)
+    assert {r.request_id for r in taken} == waiting
+    assert not view[victim].queue and view[victim].queued_uncached_tokens == 0
+    assert view[victim].engine_pending_requests == 1  # its engine keeps what it was given
+    for r in taken:
+        assert router.admit(r, 1.0).instance != victim
+    assert len(router) == 10
+    busy = next(rid for rid, name in in_engine.items() if name == victim)
+    assert router.finish_prefill(busy, 2.0) is not None
