@@ -126,6 +126,9 @@ class DualMapPolicy(PrefillPolicy):
         moves: list[Move] = []
         # Work added to targets by earlier moves of this round (re-estimation).
         added: dict[str, int] = {}
+        # (request, target) -> tokens the target would not compute: fixed for the round (moves
+        # change loads, not caches), and with migration each one prices a possible copy.
+        reach: dict[tuple[str, str], int] = {}
         for src in check:
             reqs = list(queued.get(src, ()))
             if len(reqs) < self.config.min_queue_to_rebalance or not view[src].healthy:
@@ -141,10 +144,15 @@ class DualMapPolicy(PrefillPolicy):
                 spare = self._spare_target(src, view, added)
                 for i, r in enumerate(reqs):
                     backup = self._backup(r, src, view)
-                    for target in (backup, spare) if spare != backup else (backup,):
+                    # A request goes to a spare instance at most once: without that cap,
+                    # overloaded clusters bounce requests (and copies of their prefixes) around.
+                    for target in (backup, spare) if spare != backup and r.moves == 0 else (backup,):
                         if target is None:
                             continue
-                        unc_t = max(0, r.prompt_tokens - self.achievable_hit_tokens(r, target, view, now))
+                        hit_t = reach.get((r.request_id, target))
+                        if hit_t is None:
+                            hit_t = reach[r.request_id, target] = self.achievable_hit_tokens(r, target, view, now)
+                        unc_t = max(0, r.prompt_tokens - hit_t)
                         t_work = view[target].pending_work_tokens() + added.get(target, 0)
                         gain = pt_src * src_work - cost.per_token_prefill(target) * (t_work + unc_t)
                         if best is None or gain > best[0]:
@@ -198,7 +206,9 @@ class DualMapMigratePolicy(DualMapPolicy):
         """The least-loaded eligible instance. Without migration a request moved there loses its
         prefix (DualMap keeps moves on the backup candidate to keep at most two copies); with it,
         the prefix follows the request, so the rebalancer may also pick the instance with the
-        most room. Moves there are still priced with what it would have to compute."""
+        most room. Moves there are still priced with what it would have to compute. None when
+        even that instance has a full SLO of work: then the whole cluster is overloaded, and
+        spreading requests (and copies of their prefixes, evicting other caches) only churns."""
         if self.migration is None or not self.config.rebalance_to_least_loaded:
             return None
         best, best_work = None, 0
@@ -208,6 +218,8 @@ class DualMapMigratePolicy(DualMapPolicy):
             work = st.pending_work_tokens() + added.get(st.name, 0)
             if best is None or work < best_work:
                 best, best_work = st.name, work
+        if best is None or best_work >= self.ctx.cost.token_budget(self.ctx.slo_ttft, best):
+            return None
         return best
 
     def _prefix_share(self, req: RoutedRequest) -> float:
