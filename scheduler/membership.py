@@ -119,8 +119,12 @@ class Membership:
 
     # -- observation (request path) ---------------------------------------------------------
     def observe(self, req: RoutedRequest) -> None:
-        """Remember the request's prefix (its base routing key) for churn measurement."""
-        self.churn.record(req.routing_key(1))
+        """Remember the request's routing key for churn measurement: the key DualMap routes it
+        by (deeper than one block for a hot prefix, whose requests would otherwise all count as
+        one key), or its first block under other policies."""
+        policy = self._sched.prefill_policy
+        depth = policy.hot.key_depth(req.block_hashes) if isinstance(policy, DualMapPolicy) else 1
+        self.churn.record(req.routing_key(depth))
 
     # -- queries ----------------------------------------------------------------------------
     def _state(self, name: str) -> InstanceState:

@@ -236,3 +236,20 @@ def test_a_joined_prefill_instance_gets_its_kv_events_subscribed() -> None:
                 assert all("prefill-new" not in view.holders(b) for b in ours)
 
     run(body)
+
+
+def test_churn_counts_a_hot_prefix_by_the_deeper_keys_dualmap_routes_it_by() -> None:
+    async def body() -> None:
+        # Four instances: a prefix is hot above 2/n of the traffic, which two could never exceed.
+        async with cluster(n_prefill=4, admin=ADMIN) as h, FakeOpenAIServer() as extra:
+            system = [7] * BLOCK  # one shared first block: a hot system prompt
+            for i in range(60):
+                user = [5 + (i * 13 + j) % 250 for j in range(BLOCK)]
+                assert (await h.post("/v1/completions", completion(system + user)))[0] == 200
+            status, info = await admin(h, "POST", "/admin/instances", new_prefill_body(extra))
+            assert status == 201
+            # Once the prefix is hot (after the detector's 20-request window), each request is
+            # keyed by its second block: dozens of keys, not the single shared first block.
+            assert info["change"]["prefixes_checked"] > 20
+
+    run(body)
