@@ -3,8 +3,9 @@
 Two kinds of evidence reach a breaker:
 
 * passive, from the request path (scheduler.pd_client): a refused or dropped connection is
-  *hard* evidence (the process is gone) and opens the circuit at once; a timeout or a 5xx answer
-  is *soft* and opens it after ``failure_threshold`` in a row; any success resets the count;
+  *hard* evidence (the process is gone) and opens the circuit at once; a timeout or a
+  502/503/504 answer is *soft* and opens it after ``failure_threshold`` in a row (a plain 500 is
+  one request's failure, not the instance's); any success resets the count;
 * active: ``GET /health`` of every instance each ``probe_interval_s``. A failed probe is soft
   evidence. An open circuit is probed again (half-open) once ``open_s`` has passed: a good probe
   closes it, a bad one re-opens it for another ``open_s``.
@@ -129,7 +130,7 @@ class HealthMonitor:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._task: asyncio.Task[None] | None = None
         self.failures = Counter("dualmap_instance_failures", "Failures seen per instance, by kind "
-                                "(connect, timeout, http_5xx, stream, probe, metrics_scrape)",
+                                "(connect, timeout, http_503, stream, probe, metrics_scrape, ...)",
                                 ("instance", "kind"))  # fmt: skip
         self.transitions = Counter("dualmap_circuit_transitions",
                                    "Circuit-breaker state changes, by the state entered",

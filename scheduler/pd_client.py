@@ -48,6 +48,11 @@ DECODE_HEADER = "X-DualMap-Decode-Instance"
 # One retry on another instance when the chosen one refuses connections (it is down).
 PREFILL_ATTEMPTS = 2
 DECODE_ATTEMPTS = 2
+# Answers that say the engine's server cannot serve at all (vLLM: 503 once its engine died; a
+# proxy in front: 502/504). They count against the instance's circuit and are retried. A plain
+# 500 is not: vLLM answers it for one request's internal error, and counting it would let a
+# client take every instance out of service with a few crafted requests.
+ENGINE_DOWN_STATUSES = frozenset((502, 503, 504))
 
 
 @dataclass(slots=True)
@@ -60,11 +65,13 @@ class InstanceUnreachable(Exception):
     """The instance refused, dropped or broke the connection (it is down, or died mid-answer).
 
     ``request_sent``: the request may have reached the engine (so a decode leg may have read the
-    prefill's KV, and that KV may already be freed)."""
+    prefill's KV, and that KV may already be freed). ``answered``: part of an answer had arrived,
+    so the server was alive and this may be one request's crash rather than the instance's."""
 
-    def __init__(self, message: str, *, request_sent: bool) -> None:
+    def __init__(self, message: str, *, request_sent: bool, answered: bool = False) -> None:
         super().__init__(message)
         self.request_sent = request_sent
+        self.answered = answered
 
 
 class DecodeLegFailed(Exception):
@@ -182,7 +189,8 @@ class PDClient:
         except UpstreamTimeout:
             raise
         except (UpstreamClosed, UpstreamProtocolError) as exc:
-            raise InstanceUnreachable(str(exc), request_sent=True) from exc
+            answered = isinstance(exc, UpstreamProtocolError) or exc.partial
+            raise InstanceUnreachable(str(exc), request_sent=True, answered=answered) from exc
         except OSError as exc:  # refused, unreachable, connect timed out: nothing was sent
             raise InstanceUnreachable(str(exc) or "connect timed out", request_sent=False) from exc
 
@@ -195,7 +203,8 @@ class PDClient:
         except UpstreamTimeout:
             raise
         except (UpstreamClosed, UpstreamProtocolError) as exc:
-            raise InstanceUnreachable(str(exc), request_sent=True) from exc
+            answered = isinstance(exc, UpstreamProtocolError) or exc.partial
+            raise InstanceUnreachable(str(exc), request_sent=True, answered=answered) from exc
         except OSError as exc:
             raise InstanceUnreachable(str(exc) or "connect timed out", request_sent=False) from exc
 
@@ -203,7 +212,7 @@ class PDClient:
 class PDHandoff:
     """Runs one request through prefill and decode for the web handlers.
 
-    Failures (docs/fault_handling.md): a prefill leg that breaks or answers 5xx is retried (the
+    Failures (docs/fault_handling.md): a prefill leg that breaks or answers 502/503/504 is retried (the
     circuit of a dead instance opens, so the retry falls to the request's backup candidate); a
     decode leg that fails before the client saw a byte is retried on another decoder, after a
     fresh prefill when the failed decoder may have read (and so freed) the prefill's KV; once
@@ -252,7 +261,7 @@ class PDHandoff:
         try:
             upstream = await sched.client.open_decode(sched.instance_url(instance), gen.endpoint.path, body)
         except InstanceUnreachable as exc:
-            sched.health.report_failure(instance, "connect", hard=True)
+            sched.health.report_failure(instance, "connect", hard=not exc.answered)
             raise DecodeLegFailed(errors.upstream_failure("decode", instance, str(exc)),
                                   kv_maybe_read=exc.request_sent) from None  # fmt: skip
         except UpstreamTimeout:
@@ -261,9 +270,9 @@ class PDHandoff:
         try:
             if upstream.status != 200:
                 raw = await self._leg_bytes(upstream, instance, whole=True)
-                if upstream.status < 500:  # the request's own fault: retrying cannot help
+                if upstream.status not in ENGINE_DOWN_STATUSES:  # this request's own failure
                     raise errors.from_upstream("decode", upstream.status, raw)
-                sched.health.report_failure(instance, "http_5xx")
+                sched.health.report_failure(instance, f"http_{upstream.status}")
                 raise DecodeLegFailed(errors.from_upstream("decode", upstream.status, raw), kv_maybe_read=True)
             if gen.stream:
                 # The first chunk is read before the client's headers go out: until then a
@@ -289,8 +298,11 @@ class PDHandoff:
         except UpstreamTimeout:
             self.scheduler.health.report_failure(instance, "timeout")
             raise DecodeLegFailed(errors.upstream_timeout("decode", instance), kv_maybe_read=True) from None
-        except OSError as exc:  # closed or garbled mid-body: the engine died
-            self.scheduler.health.report_failure(instance, "stream", hard=True)
+        except OSError as exc:  # closed or garbled mid-body: the engine (or its handler) died
+            # Soft: a handler crashing on one request also drops its connection mid-answer, and
+            # a client must not be able to open circuits with crafted requests. A dead process
+            # refuses the next connection (hard) and fails its probes anyway.
+            self.scheduler.health.report_failure(instance, "stream")
             err = errors.upstream_failure("decode", instance, str(exc) or "connection closed")
             raise DecodeLegFailed(err, kv_maybe_read=True) from None
 
@@ -309,7 +321,7 @@ class PDHandoff:
                 status, raw = await sched.client.prefill(sched.instance_url(instance), path, body)
             except InstanceUnreachable as exc:
                 sched.abort_prefill(routed)
-                sched.health.report_failure(instance, "connect", hard=True)
+                sched.health.report_failure(instance, "connect", hard=not exc.answered)
                 failure = errors.upstream_failure("prefill", instance, str(exc))
             except UpstreamTimeout:
                 sched.abort_prefill(routed)
@@ -322,9 +334,9 @@ class PDHandoff:
                 if status == 200:
                     return self._finish_prefill(routed, instance, raw, started, predicted_hit)
                 sched.abort_prefill(routed)
-                if status < 500:  # the request's own fault: retrying cannot help
+                if status not in ENGINE_DOWN_STATUSES:  # this request's own failure
                     raise errors.from_upstream("prefill", status, raw)
-                sched.health.report_failure(instance, "http_5xx")
+                sched.health.report_failure(instance, f"http_{status}")
                 failure = errors.from_upstream("prefill", status, raw)
             if attempts_left <= 0:
                 raise failure
@@ -361,8 +373,8 @@ class PDHandoff:
         except (UpstreamClosed, UpstreamProtocolError, asyncio.TimeoutError) as exc:
             # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
             sched.metrics.error("upstream_decode_stream")
-            timed_out = isinstance(exc, asyncio.TimeoutError)
-            sched.health.report_failure(instance, "timeout" if timed_out else "stream", hard=not timed_out)
+            # Soft evidence either way (see _leg_bytes).
+            sched.health.report_failure(instance, "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream")
             err = errors.upstream_failure("decode", instance, str(exc) or "stream broke")
             await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
         await out.write_eof()

@@ -76,9 +76,9 @@ def test_hung_prefill_is_cut_when_its_health_check_fails_and_requests_move() -> 
     run(body)
 
 
-def test_prefill_5xx_is_retried_on_the_backup_candidate() -> None:
+def test_prefill_503_is_retried_on_the_backup_candidate() -> None:
     async def body() -> None:
-        broken = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=500))
+        broken = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=503))
         async with cluster(n_prefill=2, health_failure_threshold=1) as h:
             h.prefill[0].config = broken
             results = await _posts(h, 6, "e")
@@ -109,33 +109,51 @@ def test_every_prefill_dead_gives_503_no_instance_not_a_hang() -> None:
 def test_decode_dying_before_its_first_token_is_retried_with_a_fresh_prefill() -> None:
     async def body() -> None:
         async with cluster(n_prefill=1, n_decode=2) as h:
-            dies = FakeServerConfig(fault_for=lambda b: Fault("disconnect", after_tokens=0))
-            h.decode[0].config = h.decode[1].config = dies
-            h.decode[1].config = FakeServerConfig()
+            h.decode[0].config = FakeServerConfig(fault_for=lambda b: Fault("disconnect", after_tokens=0))
+            h.scheduler.view["decode-1"].active_tokens = 10**6  # so the policy picks decode-0 first
             for i in range(3):
                 status, headers, text = await h.post("/v1/completions", completion(f"d{i}", stream=True))
                 assert status == 200 and headers["X-DualMap-Decode-Instance"] == "decode-1"
                 events = _sse_events(text)
                 assert events[-1] == "[DONE]"
                 assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == " t0 t1 t2 t3"
-            # decode-0 may have read the prefill's KV before dying: the first request was prefilled
-            # twice; the others never met decode-0 (its circuit is open).
-            assert _served(h) == [4]
-            assert h.scheduler.metrics.errors.value(("decode_reprefilled",)) == 1
+            # decode-0 may have read the prefill's KV before dying: each request was prefilled
+            # again for its retry. A drop after the headers is soft evidence: the third opens
+            # decode-0's circuit (threshold 3).
+            assert _served(h) == [6]
+            assert h.scheduler.metrics.errors.value(("decode_reprefilled",)) == 3
             assert not h.scheduler.view["decode-0"].healthy
+            assert all(st.running_requests == 0 for st in h.scheduler.view.instances("decode"))
+
+    run(body)
+
+
+def test_decode_503_before_streaming_is_retried_on_another_decoder() -> None:
+    async def body() -> None:
+        async with cluster(n_prefill=1, n_decode=2, health_failure_threshold=5) as h:
+            h.decode[0].config = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=503))
+            for i in range(4):
+                status, headers, answer = await h.post("/v1/completions", completion(f"f{i}"))
+                assert status == 200, answer
+                assert headers["X-DualMap-Decode-Instance"] == "decode-1"
             _assert_clean(h)
 
     run(body)
 
 
-def test_decode_5xx_before_streaming_is_retried_on_another_decoder() -> None:
+def test_engine_500_is_one_requests_failure_not_the_instances() -> None:
     async def body() -> None:
-        async with cluster(n_prefill=1, n_decode=2, health_failure_threshold=5) as h:
-            h.decode[0].config = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=500))
-            for i in range(4):
-                status, headers, answer = await h.post("/v1/completions", completion(f"f{i}"))
-                assert status == 200, answer
-                assert headers["X-DualMap-Decode-Instance"] == "decode-1"
+        # A crafted request that makes engines fail must not take them out of service.
+        err = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=500)
+                               if b.get("user") == "poison" else None)  # fmt: skip
+        async with cluster(n_prefill=1, n_decode=2, decode_config=err, health_failure_threshold=1) as h:
+            for i in range(5):
+                status, _, answer = await h.post("/v1/completions", completion(f"p{i}", user="poison"))
+                assert status == 502 and answer["error"]["code"] == "upstream_error"
+            assert all(st.healthy for st in h.scheduler.view.instances())
+            assert sum(len(s.requests) for s in h.decode) == 5  # not retried either
+            status, _, _ = await h.post("/v1/completions", completion("fine"))
+            assert status == 200
             _assert_clean(h)
 
     run(body)
@@ -153,7 +171,9 @@ def test_decode_dying_mid_stream_ends_with_an_error_event_and_done() -> None:
             assert set(error) == {"message", "type", "param", "code"}
             assert error["code"] == "upstream_error" and "decode-0" in error["message"]
             assert events[3:] == ["[DONE]"]
-            assert not h.scheduler.view["decode-0"].healthy  # a dropped stream is hard evidence
+            # Soft evidence (a handler crash looks the same): one strike, still in service.
+            assert h.scheduler.view["decode-0"].healthy
+            assert h.scheduler.health.breaker("decode-0").failures == 1
             _assert_clean(h)
 
     run(body)

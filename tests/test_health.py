@@ -142,13 +142,13 @@ def test_soft_upstream_failures_open_the_circuit_after_the_threshold() -> None:
     from tests.fakes.openai_server import FakeServerConfig, Fault
 
     async def body() -> None:
-        five_hundred = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=500))
+        unavailable = FakeServerConfig(fault_for=lambda b: Fault("status", status_code=503))
         async with cluster(n_prefill=1, n_decode=2, health_failure_threshold=2,
                            health_interval_s=60.0) as h:  # fmt: skip
-            h.decode[0].config = five_hundred
-            h.decode[1].config = five_hundred
+            h.decode[0].config = unavailable
+            h.decode[1].config = unavailable
             status, _, answer = await h.post("/v1/completions", completion("s0"))
-            # Both decoders answered 500 once: under the threshold, both still in service.
+            # Both decoders answered 503 once: under the threshold, both still in service.
             assert status == 502 and answer["error"]["code"] == "upstream_error"
             assert all(st.healthy for st in h.scheduler.view.instances("decode"))
             await h.post("/v1/completions", completion("s1"))

@@ -225,6 +225,12 @@ class FakeOpenAIServer:
         except asyncio.CancelledError:
             self.disconnects += 1
             raise
+        except (AttributeError, TypeError, ValueError) as exc:
+            # A field of the wrong shape (stream_options: [], max_tokens: "x"): vLLM's request
+            # models reject those with a 400 before any work, so the fake does too.
+            return web.json_response({"object": "error", "message": f"invalid request: {exc}",
+                                      "type": "BadRequestError", "param": None, "code": 400},
+                                     status=400)  # fmt: skip
 
     def _json_answer(
         self, body: dict[str, Any], chat: bool, n_prompt: int, cached_tokens: int = 0
@@ -294,6 +300,8 @@ class FakeOpenAIServer:
         prompt = body.get("prompt")
         n_prompt = len(prompt) if isinstance(prompt, list) else self.config.prompt_tokens
         cached_tokens = self._prefill_kv(body)
+        stream_options = body.get("stream_options") or {}
+        include_usage = bool(stream_options.get("include_usage"))  # a bad shape: 400, as in vLLM
         if not body.get("stream"):
             await asyncio.sleep(self.config.first_token_delay_s)
             if fault is not None and fault.kind == "disconnect":
@@ -337,8 +345,7 @@ class FakeOpenAIServer:
                 await asyncio.sleep(self.config.inter_token_delay_s)
             finish = "length" if i == n_tokens - 1 else None
             await response.write(_sse({**base, "choices": [choice(f" t{i}", finish)]}))
-        stream_options = body.get("stream_options") or {}
-        if stream_options.get("include_usage"):
+        if include_usage:
             usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_tokens,
                      "completion_tokens": n_tokens}
             await response.write(_sse({**base, "choices": [], "usage": usage}))
