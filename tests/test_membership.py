@@ -253,3 +253,30 @@ def test_churn_counts_a_hot_prefix_by_the_deeper_keys_dualmap_routes_it_by() -> 
             assert info["change"]["prefixes_checked"] > 20
 
     run(body)
+
+
+def test_no_request_is_lost_while_instances_join_drain_and_leave_under_load() -> None:
+    async def body() -> None:
+        slow = FakeServerConfig(first_token_delay_s=0.02)
+        async with cluster(n_prefill=3, prefill_config=slow, max_engine_pending=1, admin=ADMIN) as h, \
+                FakeOpenAIServer(slow) as extra:  # fmt: skip
+            tasks = [asyncio.create_task(h.post("/v1/completions", completion(f"load {i % 17} {i}")))
+                     for i in range(60)]  # fmt: skip
+            ops = [("POST", "/admin/instances", new_prefill_body(extra)),
+                   ("POST", "/admin/instances/prefill-0/drain", None),
+                   ("DELETE", "/admin/instances/prefill-1", None),
+                   ("POST", "/admin/instances/prefill-0/undrain", None),
+                   ("POST", "/admin/instances/prefill-2/drain", None),
+                   ("DELETE", "/admin/instances/prefill-new?force=true", None)]  # fmt: skip
+            for method, path, payload in ops:
+                await asyncio.sleep(0.03)
+                status, info = await admin(h, method, path, payload)
+                assert status in (200, 201, 202), info
+            results = await asyncio.gather(*tasks)
+            assert [r[0] for r in results] == [200] * 60
+            assert await eventually(lambda: "prefill-1" not in h.scheduler.view, timeout=5)
+            assert h.scheduler.view.names("prefill") == ["prefill-0", "prefill-2"]
+            assert len(h.scheduler.router) == 0
+            assert all(not h.scheduler.view[n].queue for n in ("prefill-0", "prefill-2"))
+
+    run(body)
