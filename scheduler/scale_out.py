@@ -144,6 +144,7 @@ def run_scale_out(config: ClusterConfig, req: ScaleOutRequest, *, timeout: float
             _deregister(client, inst.name, out)
         print(f"stopping {inst.name}...", file=out, flush=True)
         cluster.stop()
+        print(f"{inst.name} stopped", file=out, flush=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
 

@@ -95,6 +95,7 @@ def test_launch_add_prefill_registers_then_deregisters_on_sigterm(tmp_path: Path
                 out = proc.stdout.read() if proc.stdout else ""
                 assert code == 128 + signal.SIGTERM, out
                 assert "registered with" in out and "deregistered prefill-extra" in out
+                assert "prefill-extra stopped" in out
                 assert (await h.post("/v1/completions", completion("after")))[0] == 200
             finally:
                 if proc.poll() is None:
