@@ -367,16 +367,22 @@ class PDHandoff:
         sched.metrics.ttft_by_stream[True].observe(sched.clock() - arrival)
         instance = headers[DECODE_HEADER]
         try:
-            await out.write(first)
-            async for chunk in upstream.iter_chunks():
-                await out.write(chunk)
-        except (UpstreamClosed, UpstreamProtocolError, asyncio.TimeoutError) as exc:
-            # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
-            sched.metrics.error("upstream_decode_stream")
-            # Soft evidence either way (see _leg_bytes).
-            sched.health.report_failure(instance, "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream")
-            err = errors.upstream_failure("decode", instance, str(exc) or "stream broke")
-            await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
-        await out.write_eof()
+            try:
+                await out.write(first)
+                async for chunk in upstream.iter_chunks():
+                    await out.write(chunk)
+            except (UpstreamClosed, UpstreamProtocolError, asyncio.TimeoutError) as exc:
+                # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
+                sched.metrics.error("upstream_decode_stream")
+                # Soft evidence either way (see _leg_bytes).
+                sched.health.report_failure(instance, "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream")
+                err = errors.upstream_failure("decode", instance, str(exc) or "stream broke")
+                await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
+            await out.write_eof()
+        except ConnectionResetError:
+            # The client left mid-stream. Not an error of ours: the caller closes the upstream
+            # response, which aborts the engine's request; aiohttp ends the connection.
+            sched.metrics.error("client_disconnected")
+            return out
         sched.metrics.e2e_by_stream[True].observe(sched.clock() - arrival)
         return out

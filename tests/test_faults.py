@@ -257,3 +257,27 @@ def test_restarted_scheduler_rebuilds_its_index_from_the_engines_replay_buffer()
                 p.close()
 
     run(body)
+
+
+# --- the client leaves -------------------------------------------------------------------------
+
+
+def test_client_hanging_up_on_a_fast_stream_is_quiet_and_aborts_the_decode(caplog: Any) -> None:
+    async def body() -> None:
+        async with cluster(n_decode=1) as h:
+            for i in range(5):
+                req = completion(f"bye{i}", max_tokens=200, stream=True)
+                async with h.client.post(h.url + "/v1/completions", json=req) as resp:
+                    assert resp.status == 200
+                    await resp.content.readany()
+                    resp.close()  # gone while the decoder is still streaming
+            st = h.scheduler.view["decode-0"]
+            assert await eventually(lambda: st.running_requests == 0 and st.active_tokens == 0)
+            assert await eventually(lambda: h.scheduler.metrics.errors.value(("client_disconnected",)) == 5)
+            assert h.scheduler.health.breaker("decode-0").failures == 0  # not the engine's fault
+            status, _, _ = await h.post("/v1/completions", completion("next"))
+            assert status == 200
+
+    with caplog.at_level("ERROR"):
+        run(body)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text[:2000]
