@@ -190,6 +190,12 @@ def format_summary(s: dict[str, Any]) -> str:
         f"load CV {s['load_cv']:.3f}   KV moved {s['kv_bytes_moved'] / 1e9:.1f} GB",
         "decisions: " + ", ".join(f"{k} {v}" for k, v in s["decisions"].items()),
     ]
+    m = s.get("migrations")
+    if m:
+        lines.append(
+            f"migrations: started {m['started']}, finished {m['finished']}, failed {m['failed']}, "
+            f"{m['bytes_moved'] / 1e9:.1f} GB moved; {s['migrated_hit_tokens']} prompt tokens served from migrated blocks"
+        )
     return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MIGRATION_BACKENDS_OFF = ("", "off", "none")
 # A migration is two engine round trips plus a NIXL pull: 10 ms .. 2 min.
+SETTLE_POLL_S = 0.05  # re-dispatch cadence while a copy runs (held requests' waits may end)
 MIGRATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -197,10 +198,11 @@ class MigrationRunner:
             return
         self.planner.on_started(plan, began)
         self.metrics.started.inc((plan.source, plan.target))
-        # Requests held for the copy are held until its modelled landing time; if the copy is
-        # late, dispatching then lets them recompute instead of waiting on (the cost model's
-        # choice for a copy that did not land in time).
-        asyncio.get_running_loop().call_later(self.planner.transfer_time(plan.nbytes), self._settle_if_running)
+        # Requests held for the copy wait until its modelled landing time or, if it is late, at
+        # most as long as recomputing would take (MigrationPlanner.hold_until): re-dispatch
+        # then, and every SETTLE_POLL_S while it runs, so a held request leaves when its wait
+        # is up even if the copy never lands.
+        self._arm_settle(plan, self.planner.transfer_time(plan.nbytes))
         try:
             result: MigrationResult = await asyncio.wait_for(
                 self.migrator.migrate(tokens, source, target), self.options.timeout_s
@@ -230,9 +232,14 @@ class MigrationRunner:
         self._migrated.setdefault(plan.target, set()).update(plan.missing_hashes)
         self.on_settled()
 
-    def _settle_if_running(self) -> None:
-        if not self._stopped:
-            self.on_settled()
+    def _arm_settle(self, plan: MigrationPlan, delay: float) -> None:
+        asyncio.get_running_loop().call_later(delay, self._settle_while_running, plan)
+
+    def _settle_while_running(self, plan: MigrationPlan) -> None:
+        if self._stopped or not self.planner.is_in_flight(plan.plan_id):
+            return
+        self.on_settled()
+        self._arm_settle(plan, SETTLE_POLL_S)
 
     def _fail(self, plan: MigrationPlan, reason: str, seconds: float, settle: bool = True) -> None:
         self.planner.on_failed(plan, self.clock(), reason)

@@ -121,6 +121,17 @@ def test_arriving_blocks_count_when_waiting_beats_recomputing():
     assert pl.expected_hit_blocks(follower, "p1", view, 1.0) == 0
     assert pl.hold_until(follower, "p1", view, 1.0) is None
     assert pl.hold_until(follower, "p1", view, 4.9) == 5.0  # 0.1 s to go: wait
+    # Past its expected time with no word: a request waits at most what recomputing costs,
+    # counted from the copy's start (1.0 + 0.25 s here, long gone at 5.1).
+    assert pl.hold_until(follower, "p1", view, 5.1) is None
+    assert pl.expected_hit_blocks(follower, "p1", view, 5.1) == 0
+    pl2 = planner()
+    late = pl2.propose(req, "p1", view, 10.0)
+    assert late is not None
+    pl2.on_planned(late, 10.0)
+    pl2.on_started(late, 10.0)  # expected at 10.005
+    assert pl2.hold_until(follower, "p1", view, 10.1) == pytest.approx(10.0 + 12 * 128 * COST.per_token_prefill())
+    assert pl2.expected_hit_blocks(follower, "p1", view, 10.1) == 12
     pl.on_failed(plan, 5.0, "source_gone")
     assert pl.expected_hit_blocks(follower, "p1", view, 5.0) == 0
     assert (pl.stats.failed, pl.stats.failures["source_gone"], pl.bytes_in_flight) == (1, 1, 0)

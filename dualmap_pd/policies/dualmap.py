@@ -209,7 +209,7 @@ class DualMapMigratePolicy(DualMapPolicy):
         most room. Moves there are still priced with what it would have to compute. None when
         even that instance has a full SLO of work: then the whole cluster is overloaded, and
         spreading requests (and copies of their prefixes, evicting other caches) only churns."""
-        if self.migration is None or not self.config.rebalance_to_least_loaded:
+        if not self._spare_moves_allowed():
             return None
         best, best_work = None, 0
         for st in view.instances(Role.PREFILL):
@@ -221,6 +221,9 @@ class DualMapMigratePolicy(DualMapPolicy):
         if best is None or best_work >= self.ctx.cost.token_budget(self.ctx.slo_ttft, best):
             return None
         return best
+
+    def _spare_moves_allowed(self) -> bool:
+        return self.migration is not None and self.config.rebalance_to_least_loaded
 
     def _prefix_share(self, req: RoutedRequest) -> float:
         """Share of all arrivals expected to bring the request's prefix to one instance: its

@@ -125,6 +125,7 @@ class MigrationStats:
 class _InFlight:
     plan: MigrationPlan
     ready_at: float  # when its blocks are expected on the target
+    began_at: float  # planned, then started
     started: bool = False
 
 
@@ -166,14 +167,14 @@ class MigrationPlanner:
         """Migrations ``instance`` takes part in now (as source or target)."""
         return self._per_instance[instance]
 
-    def _arriving_run(self, req: RoutedRequest, instance: str, view: ClusterView) -> tuple[int, int, float]:
-        """(cached leading blocks, cached-or-arriving leading blocks, latest ready time of the
-        arriving ones among them)."""
+    def _arriving_run(self, req: RoutedRequest, instance: str, view: ClusterView) -> tuple[int, int, float, float]:
+        """(cached leading blocks, cached-or-arriving leading blocks, latest ready time and
+        latest start of the copies bringing the arriving ones)."""
         cached = view.request_hit_blocks(req, instance)
         arriving = self._arriving.get(instance)
         if not arriving:
-            return cached, cached, 0.0
-        n, ready = cached, 0.0
+            return cached, cached, 0.0, 0.0
+        n, ready, began = cached, 0.0, 0.0
         hashes = req.block_hashes
         while n < len(hashes):
             hit = arriving.get(hashes[n])
@@ -183,27 +184,41 @@ class MigrationPlanner:
                     continue
                 break
             ready = max(ready, hit[0])
+            entry = self._inflight.get(hit[1])
+            if entry is not None:
+                began = max(began, entry.began_at)
             n += 1
-        return cached, n, ready
+        return cached, n, ready, began
+
+    def _wait_deadline(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> tuple[int, int, float | None]:
+        """(cached, reachable, time until which waiting for the arriving blocks beats recomputing
+        them, or None). On time: the expected landing, if the wait is shorter than recomputing.
+        Late (its expected time passed, no word yet): wait at most what recomputing would have
+        cost, counted from the copy's start, then recompute (a wait bounded by the alternative's
+        cost, whatever the copy really takes)."""
+        cached, reachable, ready, began = self._arriving_run(req, instance, view)
+        if reachable == cached:
+            return cached, reachable, None
+        recompute = self.cost.per_token_prefill(instance) * (reachable - cached) * view.block_size
+        if ready > now:
+            return cached, reachable, ready if ready - now < recompute else None
+        deadline = began + recompute
+        return cached, reachable, deadline if deadline > now else None
 
     def expected_hit_blocks(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> int:
         """Leading blocks of ``req`` that ``instance`` will serve from cache: its cached ones,
         plus blocks still arriving if waiting for them beats recomputing them."""
-        cached, reachable, ready = self._arriving_run(req, instance, view)
-        if reachable == cached:
-            return cached
-        wait = max(0.0, ready - now)
-        recompute = self.cost.per_token_prefill(instance) * (reachable - cached) * view.block_size
-        return reachable if wait < recompute else cached
+        cached, reachable, deadline = self._wait_deadline(req, instance, view, now)
+        return reachable if deadline is not None else cached
 
     def hold_until(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> float | None:
         """If ``req`` should wait in the queue for a copy still on its way to ``instance``, the
-        time it is expected to land; None if it may be dispatched now."""
-        cached, reachable, ready = self._arriving_run(req, instance, view)
-        if reachable == cached or ready <= now:
-            return None
-        recompute = self.cost.per_token_prefill(instance) * (reachable - cached) * view.block_size
-        return ready if ready - now < recompute else None
+        time until which it waits (the executor dispatches again when the copy lands or fails);
+        None if it may be dispatched now."""
+        return self._wait_deadline(req, instance, view, now)[2]
+
+    def is_in_flight(self, plan_id: int) -> bool:
+        return plan_id in self._inflight
 
     def expected_uses(self, target_share: float) -> float:
         """Requests expected to use a prefix copy: the one being placed, plus the followers with
@@ -225,7 +240,7 @@ class MigrationPlanner:
             return None
         if self._per_instance[target] >= cfg.max_per_instance:
             return None
-        _, have, _ = self._arriving_run(req, target, view)
+        _, have, _, _ = self._arriving_run(req, target, view)
         holders = view.hit_blocks_all(req.block_hashes)
         source, best = None, have + cfg.min_blocks - 1
         for name in sorted(holders):  # sorted: set order must not pick the source
@@ -290,7 +305,7 @@ class MigrationPlanner:
         if plan.plan_id in self._inflight:
             raise ValueError(f"migration plan {plan.plan_id} planned twice")
         self._next_id = max(self._next_id, plan.plan_id)
-        self._inflight[plan.plan_id] = _InFlight(plan, now + plan.transfer_s)
+        self._inflight[plan.plan_id] = _InFlight(plan, now + plan.transfer_s, now)
         self._per_instance[plan.source] += 1
         self._per_instance[plan.target] += 1
         self._bytes_in_flight += plan.nbytes
@@ -305,6 +320,7 @@ class MigrationPlanner:
         if entry is None or entry.started:
             return
         entry.started = True
+        entry.began_at = now
         entry.ready_at = expected_ready_at if expected_ready_at is not None else now + self.transfer_time(plan.nbytes)
         arriving = self._arriving.get(plan.target, {})
         for h in plan.missing_hashes:
