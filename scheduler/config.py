@@ -74,6 +74,9 @@ class SchedulerSettings:
     # Routing policy name; checked against the policy registry by `serve`, which owns that list.
     policy: str = "dualmap"
     slo_ttft: float = 5.0  # TTFT SLO in seconds, used by SLO-aware policies
+    # Client API keys, one per line (relative paths: to the config file); the keys themselves
+    # never go in this shared file. None (and no DUALMAP_API_KEYS): the /v1 API is open.
+    api_keys_file: str | None = None
 
     @property
     def url(self) -> str:
@@ -387,6 +390,8 @@ def _scheduler(raw: Any) -> SchedulerSettings:
         port=_port(raw.get("port", 8000), f"{where}.port"),
         policy=_str(raw.get("policy", "dualmap"), f"{where}.policy"),
         slo_ttft=float(slo),
+        api_keys_file=None if raw.get("api_keys_file") is None
+        else _str(raw["api_keys_file"], f"{where}.api_keys_file"),
     )
 
 

@@ -145,6 +145,10 @@ class HealthMonitor:
             b = self._breakers[instance] = CircuitBreaker(self.policy)
         return b
 
+    def instances(self) -> list[str]:
+        """The instances watched right now (the current membership)."""
+        return sorted(self._targets())
+
     def state(self, instance: str) -> BreakerState:
         b = self._breakers.get(instance)
         return BreakerState.CLOSED if b is None else b.state
@@ -233,7 +237,7 @@ class _HealthCollector(Collector):
         m = self.monitor
         gauge = GaugeMetricFamily("dualmap_instance_circuit_state",
                                   "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["instance"])  # fmt: skip
-        for name in sorted(m._targets()):
+        for name in m.instances():
             gauge.add_metric([name], STATE_GAUGE[m.state(name)])
         yield gauge
         yield m.failures.family()

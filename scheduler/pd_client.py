@@ -315,6 +315,12 @@ class PDHandoff:
         while True:
             attempts_left -= 1
             instance = await sched.acquire_prefill(routed)
+            if instance not in sched.view or instance not in sched.urls:
+                # Removed (admin API) between its dispatch and now: not a failure of the
+                # request or the instance; send it again, to the instances that remain.
+                sched.abort_prefill(routed)
+                attempts_left += 1
+                continue
             predicted_hit = sched.predicted_hit_tokens(instance, routed)
             started = sched.clock()
             try:

@@ -29,8 +29,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                         help="larger request bodies get 413")  # fmt: skip
     parser.add_argument("--api-keys-file", metavar="PATH",
-                        help="client API keys, one per line (also DUALMAP_API_KEYS, comma-separated); "
-                             "none: the /v1 API is open")  # fmt: skip
+                        help="client API keys, one per line (default: scheduler.api_keys_file of the "
+                             "config; also DUALMAP_API_KEYS, comma-separated); none: the /v1 API is open")  # fmt: skip
     parser.add_argument("--connect-timeout", type=float, default=5.0,
                         help="seconds to connect to an engine before it counts as down")  # fmt: skip
     parser.add_argument("--prefill-timeout", type=float, default=600.0,
@@ -61,6 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from dualmap_pd.migration import MigrationError
     from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES
     import os
+    from pathlib import Path
 
     from scheduler.admin import AdminGuard
     from scheduler.app import serve_forever
@@ -93,7 +94,11 @@ def run_serve(args: argparse.Namespace) -> int:
         timeouts = (args.connect_timeout, args.prefill_timeout, args.decode_idle_timeout, args.health_interval)
         if min(timeouts) <= 0:
             raise ValueError("timeouts and --health-interval must be positive")
-        api_keys = ApiKeyGuard.from_sources(os.environ, args.api_keys_file)
+        keys_file = args.api_keys_file
+        if keys_file is None and cfg.scheduler.api_keys_file is not None:
+            base = cfg.source.parent if cfg.source is not None else Path.cwd()
+            keys_file = base / cfg.scheduler.api_keys_file
+        api_keys = ApiKeyGuard.from_sources(os.environ, keys_file)
         AdminGuard.from_config(cfg.admin.token, os.environ)  # a bad admin token fails here, not later
         PREFILL_POLICIES.get(options.prefill_policy)
         DECODE_POLICIES.get(options.decode_policy)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def _open_fds() -> int:
 
 
 def _sample(t0: float, phase: str, done: int) -> dict[str, Any]:
+    gc.collect()  # object counts of live objects only (a pause of a few ms every interval)
     return {"t_s": round(time.monotonic() - t0, 1), "phase": phase, "rss_mb": round(_rss_mb(), 1),
             "fds": _open_fds(), "tasks": len(asyncio.all_tasks()), "objects": len(gc.get_objects()),
             "requests": done}  # fmt: skip
@@ -134,10 +136,13 @@ async def _soak(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
             str(args.concurrency), str(args.seed), env=env, stdout=subprocess.PIPE)  # fmt: skip
         reader = asyncio.ensure_future(load.communicate())
         first_snapshot = None
+        types_after_warmup: Counter[str] | None = None
         while not reader.done():
             await asyncio.wait([reader], timeout=args.interval)
             if not reader.done():
                 samples.append(_sample(t0, "load", _requests_done(sched)))
+                if types_after_warmup is None and len(samples) >= 3:
+                    types_after_warmup = _object_types()
                 if args.tracemalloc and first_snapshot is None and len(samples) >= 3:
                     first_snapshot = tracemalloc.take_snapshot()  # after warm-up
         out, _ = reader.result()
@@ -145,14 +150,21 @@ async def _soak(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
         await asyncio.sleep(args.settle)
         samples.append(_sample(t0, "idle", _requests_done(sched)))
         growth = _top_growth(first_snapshot) if first_snapshot is not None else []
+        type_growth = (_object_types() - types_after_warmup).most_common(8) if types_after_warmup else []
         router_left, decode_left = len(sched.router), sum(
             st.running_requests for st in sched.view.instances("decode"))
     finally:
         await runner.cleanup()
     result = _summary(args, samples, counts, router_left, decode_left)
+    result["gc_type_growth_after_warmup"] = type_growth  # which objects a leak would be made of
     if args.tracemalloc:
         result["tracemalloc_top_growth"] = growth
     return result
+
+
+def _object_types() -> Counter[str]:
+    gc.collect()  # count what is still reachable, not garbage awaiting collection
+    return Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
 def _top_growth(before: tracemalloc.Snapshot, n: int = 8) -> list[str]:

@@ -108,3 +108,21 @@ def test_silent_decoder_ends_a_stream_cleanly_after_the_idle_timeout() -> None:
             assert status == 504 and _is_openai_error(answer, "upstream_timeout"), answer
 
     run(body)
+
+
+def test_config_names_a_keys_file_never_the_keys() -> None:
+    from scheduler.config import ConfigError, config_from_dict
+
+    def cfg(scheduler: dict[str, Any]) -> Any:
+        return config_from_dict({
+            "model": "/nonexistent/m", "scheduler": scheduler,
+            "prefill": [{"name": "p0", "port": 8701, "nixl_side_channel_port": 6001, "kv_events_port": 6002}],
+            "decode": [{"name": "d0", "port": 8702, "nixl_side_channel_port": 6003}],
+        })  # fmt: skip
+
+    assert cfg({"api_keys_file": "keys.txt"}).scheduler.api_keys_file == "keys.txt"
+    assert cfg({}).scheduler.api_keys_file is None
+    with pytest.raises(ConfigError, match="api_keys_file"):
+        cfg({"api_keys_file": 3})
+    with pytest.raises(ConfigError, match="unknown key"):
+        cfg({"api_keys": ["sk-in-the-yaml-0123456789"]})

@@ -88,9 +88,8 @@ def test_monitor_probes_opens_and_closes_and_follows_membership() -> None:
         assert events == [("open", "a"), ("close", "a")]
         del targets["b"]
         await mon.check_once()
-        text = "\n".join(str(m.samples) for m in mon.collector().collect())
-        assert "'b'" not in text.split("dualmap_instance_failures")[0]  # b left the gauge
         fams = {m.name: m for m in mon.collector().collect()}
+        # b left the membership: it left the gauge too.
         assert [s.labels["instance"] for s in fams["dualmap_instance_circuit_state"].samples] == ["a"]
         trans = {(s.labels["state"], s.value) for s in fams["dualmap_circuit_transitions"].samples
                  if s.name.endswith("_total")}  # fmt: skip

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -82,3 +83,41 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
             started = time.monotonic()
             code = proc.wait(timeout=20)
         assert code == 0 and time.monotonic() - started < 10
+
+
+def test_serve_requires_the_api_keys_named_in_the_config(tmp_path: Path) -> None:
+    key = "sk-serve-0123456789abcdef"
+    with serve_in_thread(FakeServerConfig()) as prefill, serve_in_thread(FakeServerConfig()) as decode:
+        path = write_config(tmp_path, [prefill.port], decode.port)
+        raw = yaml.safe_load(path.read_text())
+        raw["scheduler"]["api_keys_file"] = "keys.txt"  # relative to the config file
+        path.write_text(yaml.safe_dump(raw))
+        (tmp_path / "keys.txt").write_text(f"# clients\n{key}\n")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "DUALMAP_API_KEYS"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.serve", "--config", str(path), "--port", str(port),
+             "--no-kv-events", "--no-engine-metrics"],
+            env={**env, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert "http://127.0.0.1:" in proc.stdout.readline()  # type: ignore[union-attr]
+            body = json.dumps({"model": "fake-model", "prompt": "hello world", "max_tokens": 3}).encode()
+
+            def post(headers: dict[str, str]) -> int:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json", **headers})  # fmt: skip
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as r:
+                        return r.status
+                except urllib.error.HTTPError as exc:
+                    assert json.load(exc)["error"]["code"] == "missing_api_key"
+                    return exc.code
+
+            assert post({}) == 401
+            assert post({"Authorization": f"Bearer {key}"}) == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
