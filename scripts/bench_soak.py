@@ -101,6 +101,7 @@ def _sample(t0: float, phase: str, done: int) -> dict[str, Any]:
     gc.collect()  # object counts of live objects only (a pause of a few ms every interval)
     return {"t_s": round(time.monotonic() - t0, 1), "phase": phase, "rss_mb": round(_rss_mb(), 1),
             "fds": _open_fds(), "tasks": len(asyncio.all_tasks()), "objects": len(gc.get_objects()),
+            "py_blocks": sys.getallocatedblocks(),  # every Python allocation, untracked ones too
             "requests": done}  # fmt: skip
 
 
@@ -200,10 +201,11 @@ def _summary(args: argparse.Namespace, samples: list[dict[str, Any]], counts: di
 
 
 def _table(result: dict[str, Any]) -> str:
-    rows = [f"{'t_s':>6} {'phase':>8} {'rss_mb':>8} {'fds':>5} {'tasks':>6} {'gc_objects':>10} {'requests':>9}"]
+    rows = [f"{'t_s':>6} {'phase':>8} {'rss_mb':>8} {'fds':>5} {'tasks':>6} {'gc_objects':>10} "
+            f"{'py_blocks':>9} {'requests':>9}"]
     for s in result["samples"]:
         rows.append(f"{s['t_s']:>6} {s['phase']:>8} {s['rss_mb']:>8} {s['fds']:>5} {s['tasks']:>6} "
-                    f"{s['objects']:>10} {s['requests']:>9}")
+                    f"{s['objects']:>10} {s['py_blocks']:>9} {s['requests']:>9}")
     return "\n".join(rows)
 
 
