@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -144,6 +144,8 @@ class MigrationRunner:
         # instance -> block hashes migrations brought there (for hits served from them).
         self._migrated: dict[str, set[int]] = {}
         self._stopped = False
+        # The backend's last answers (its timings per leg, for logs and diagnosis).
+        self.recent: deque[MigrationResult] = deque(maxlen=32)
 
     # -- scheduler hooks --------------------------------------------------------------------
     def remember(self, req: RoutedRequest, prompt_ids: Sequence[int]) -> None:
@@ -218,6 +220,8 @@ class MigrationRunner:
             self._fail(plan, "error", self.clock() - began)
             return
         seconds = result.seconds or (self.clock() - began)
+        self.recent.append(result)
+        log.info("migration %s -> %s: %r", plan.source, plan.target, result)
         if not result.ok:
             log.info("migration %s -> %s failed: %s", plan.source, plan.target, result.error)
             self._fail(plan, _reason(result.error), seconds)
