@@ -21,11 +21,13 @@ def server_command(cfg: ClusterConfig, inst: InstanceConfig, python: str) -> lis
         "kv_connector": "NixlConnector",
         "kv_role": "kv_producer" if inst.role == "prefill" else "kv_consumer",
         "kv_buffer_device": "cpu",
-        # A KV pull that fails (NIXL error, producer blocks expired) makes the decode engine
-        # recompute the prompt instead of finishing the request with an error (vLLM's default
-        # is "fail"): the client still gets its answer, only slower.
-        "kv_load_failure_policy": "recompute",
     }
+    if inst.role == "decode":
+        # A KV pull that fails (NIXL error, producer blocks expired) makes the decode engine
+        # recompute the prompt instead of ending the client's request with an error (vLLM's
+        # default, "fail"). Prefill instances keep "fail": their only pulls are hot-prefix
+        # migrations, whose failure the migrator must see rather than a silent recompute.
+        kv_transfer["kv_load_failure_policy"] = "recompute"
     if cfg.engine.kv_lease_duration is not None:
         kv_transfer["kv_connector_extra_config"] = {
             "kv_lease_duration": cfg.engine.kv_lease_duration

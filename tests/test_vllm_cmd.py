@@ -20,12 +20,15 @@ def _kv_transfer(cmd: list[str]) -> dict[str, object]:
     return json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
 
 
-def test_failed_kv_pulls_are_recomputed_not_failed() -> None:
+def test_decoders_recompute_a_failed_kv_pull_and_prefills_report_it() -> None:
     cfg = _config()
-    for inst in cfg.instances:
-        kv = _kv_transfer(server_command(cfg, inst, "python"))
-        # vLLM 0.32 defaults to "fail": the request would end with an error finish reason.
-        assert kv["kv_load_failure_policy"] == "recompute"
+    decode = _kv_transfer(server_command(cfg, cfg.decode[0], "python"))
+    # vLLM 0.32 defaults to "fail": the client's request would end with an error finish reason.
+    assert decode["kv_load_failure_policy"] == "recompute"
+    # A prefill instance pulls only for a migration, which must learn that its copy failed.
+    prefill = _kv_transfer(server_command(cfg, cfg.prefill[0], "python"))
+    assert "kv_load_failure_policy" not in prefill
+    for kv in (decode, prefill):
         assert "kv_connector_extra_config" not in kv  # vLLM's own lease (30 s) unless configured
 
 
