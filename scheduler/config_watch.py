@@ -17,7 +17,6 @@ read at startup, and a change to them is logged as such.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scheduler.background import cancel_and_wait
 from scheduler.config import ClusterConfig, ConfigError, InstanceConfig, load_config
 from scheduler.errors import ApiError
 
@@ -61,11 +61,8 @@ class ConfigWatcher:
         self._task = asyncio.create_task(self._run(), name="dualmap-config-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def _fingerprint(self) -> bytes | None:
         try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 
 from dualmap_pd.cluster import ClusterView
+from scheduler.background import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -308,11 +309,8 @@ class EngineMetricsPoller:
             await asyncio.sleep(max(0.0, self.interval_s - (self.clock() - started)))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None

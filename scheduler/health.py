@@ -18,7 +18,6 @@ probe closes a circuit: a request still finishing on an open instance proves lit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from enum import Enum
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from scheduler.background import cancel_and_wait
 from scheduler.prom import Counter
 
 log = logging.getLogger(__name__)
@@ -210,11 +210,8 @@ class HealthMonitor:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="dualmap-health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
