@@ -6,7 +6,7 @@ engines in the simulator. Policies read it; only the router and the intake code 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -66,6 +66,8 @@ class ClusterView:
         self._instances: dict[str, InstanceState] = {}
         self._holders: dict[int, set[str]] = {}
         self.membership_version = 0
+        # Bumped on every change to any instance's cached blocks (memo key for hit_blocks_all).
+        self.cache_version = 0
 
     # -- membership -------------------------------------------------------------------------
     def add_instance(self, name: str, role: Role | str) -> InstanceState:
@@ -121,6 +123,7 @@ class ClusterView:
     def add_blocks(self, name: str, hashes: Iterable[int]) -> None:
         st = self._instances[name]
         st.cache_epoch += 1
+        self.cache_version += 1
         holders = self._holders
         for h in hashes:
             if h not in st.cached_blocks:
@@ -130,6 +133,7 @@ class ClusterView:
     def remove_blocks(self, name: str, hashes: Iterable[int]) -> None:
         st = self._instances[name]
         st.cache_epoch += 1
+        self.cache_version += 1
         removed = [h for h in hashes if h in st.cached_blocks]
         st.cached_blocks.difference_update(removed)
         self._drop_blocks(name, removed)
@@ -137,10 +141,12 @@ class ClusterView:
     def clear_blocks(self, name: str) -> None:
         st = self._instances[name]
         st.cache_epoch += 1
+        self.cache_version += 1
         self._drop_blocks(name, st.cached_blocks)
         st.cached_blocks = set()
 
     def _drop_blocks(self, name: str, hashes: Iterable[int]) -> None:
+        self.cache_version += 1
         holders = self._holders
         for h in hashes:
             s = holders.get(h)
@@ -202,6 +208,16 @@ class ClusterView:
         for name in alive:
             result[name] = depth
         return result
+
+    def request_hit_blocks_all(self, req: RoutedRequest) -> Mapping[str, int]:
+        """``hit_blocks_all`` for a request, memoised on it until any cache changes: a
+        migration-aware decision prices several targets against the same holders."""
+        memo = req.hit_all_memo
+        if memo is not None and memo[0] == self.cache_version:
+            return memo[1]
+        hits = self.hit_blocks_all(req.block_hashes)
+        req.hit_all_memo = (self.cache_version, hits)
+        return hits
 
     def holders(self, block_hash: int) -> frozenset[str]:
         return frozenset(self._holders.get(block_hash, ()))

@@ -241,7 +241,7 @@ class MigrationPlanner:
         if self._per_instance[target] >= cfg.max_per_instance:
             return None
         _, have, _, _ = self._arriving_run(req, target, view)
-        holders = view.hit_blocks_all(req.block_hashes)
+        holders = view.request_hit_blocks_all(req)
         source, best = None, have + cfg.min_blocks - 1
         for name in sorted(holders):  # sorted: set order must not pick the source
             n = holders[name]
