@@ -192,18 +192,21 @@ class ClusterView:
         result: dict[str, int] = {}
         if not block_hashes:
             return result
-        alive = set(self._holders.get(block_hashes[0], ()))
+        get = self._holders.get
+        alive = set(get(block_hashes[0], ()))
         depth = 0
         for h in block_hashes:
-            if not alive:
-                break
-            holders = self._holders.get(h)
+            holders = get(h)
             if holders is None:
                 break
-            still = alive & holders
-            for gone in alive - still:
-                result[gone] = depth
-            alive = still
+            # Most blocks are held by everyone still alive: a subset test allocates nothing.
+            if not alive <= holders:
+                still = alive & holders
+                for gone in alive - still:
+                    result[gone] = depth
+                alive = still
+                if not alive:
+                    break
             depth += 1
         for name in alive:
             result[name] = depth
