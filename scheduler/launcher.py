@@ -74,7 +74,7 @@ class ServerProcess:
         return None if self.healthy_at is None else self.healthy_at - self.started_at
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # Same option the servers use, so a TIME_WAIT leftover does not count as busy.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -297,7 +297,7 @@ class LocalCluster:
             if port is not None:
                 checks.append(("0.0.0.0", port, what))
         for host, port, what in checks:
-            if not _port_free(host, port):
+            if not port_free(host, port):
                 raise LaunchError(
                     f"{inst.name}: {what} port {host}:{port} is already in use "
                     f"(a server from an earlier run still alive?)"

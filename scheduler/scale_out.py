@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import IO
 from scheduler.admin import ADMIN_TOKEN_ENV
 from scheduler.admin_client import AdminClient, AdminRequestError
 from scheduler.config import ClusterConfig, ConfigError, InstanceConfig, instance_from_dict
-from scheduler.launcher import LaunchError, LocalCluster, log_tail
+from scheduler.launcher import LaunchError, LocalCluster, log_tail, port_free
 
 KV_PULL_GRACE_S = 3.0  # after removal: decode engines may still be reading the last prefills' KV
 
@@ -46,16 +45,6 @@ def _used_ports(config: ClusterConfig) -> set[int]:
     return used
 
 
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def pick_free_ports(config: ClusterConfig, host: str, count: int) -> list[int]:
     """``count`` ports above every port of the config that nothing on this machine holds."""
     taken = _used_ports(config)
@@ -63,7 +52,7 @@ def pick_free_ports(config: ClusterConfig, host: str, count: int) -> list[int]:
     while len(out) < count:
         if port > 65535:
             raise ConfigError("no free port above the config's ports")
-        if port not in taken and _bindable(host, port):
+        if port not in taken and port_free(host, port):
             out.append(port)
         port += 1
     return out

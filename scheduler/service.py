@@ -295,17 +295,10 @@ class Scheduler:
         self.view.set_health(instance, False)
         if st.role is not Role.PREFILL:
             return
-        now = self.clock()
-        for req in self.router.evict_instance(instance, now):
-            fut = self._waiters.get(req.request_id)
-            if req.request_id not in queued_ids or fut is None or fut.done():
-                continue  # in the engine already: its own handler sees the failure
-            try:
-                self.router.admit(req, now)
-            except NoInstanceError:
-                self._waiters.pop(req.request_id, None)
-                fut.set_exception(errors.no_instance("prefill"))
-        self._dispatch(now)
+        evicted = self.router.evict_instance(instance, self.clock())
+        # Requests already in the engine are not re-admitted here: their own handlers see the
+        # failure (or the abort below) and retry.
+        self.readmit_queued([req for req in evicted if req.request_id in queued_ids])
         if self.client is not None and instance in self.urls:
             self.client.abort_active(self.urls[instance])
 
