@@ -40,4 +40,4 @@ def snapshot(view: ClusterView) -> dict:
     """Everything a policy could mutate, for purity checks."""
     return {
         s.name: copy.deepcopy({k: v for k, v in vars(s).items()}) for s in view.instances()
-    } | {"_holders": copy.deepcopy(view._holders), "_v": view.membership_version}
+    } | {"_holder_bits": dict(view._holder_bits), "_v": view.membership_version}

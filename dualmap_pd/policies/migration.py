@@ -241,13 +241,21 @@ class MigrationPlanner:
         if self._per_instance[target] >= cfg.max_per_instance:
             return None
         _, have, _, _ = self._arriving_run(req, target, view)
+        # A source must hold at least `need` leading blocks, so it holds block need-1: when no
+        # instance does, there is nothing to copy and no need to walk the prompt.
+        need = have + cfg.min_blocks
+        if need > len(req.block_hashes) or not view.is_held(req.block_hashes[need - 1]):
+            return None
         holders = view.request_hit_blocks_all(req)
         source, best = None, have + cfg.min_blocks - 1
-        for name in sorted(holders):  # sorted: set order must not pick the source
-            n = holders[name]
+        busy = self._per_instance
+        for name, n in holders.items():
+            # The longest run wins; among equal runs the smallest name, so that the index's
+            # iteration order never picks the source.
+            if n < best or (n == best and (source is None or name > source)) or name == target:
+                continue
             src = view[name]
-            if n > best and name != target and src.healthy and src.role is Role.PREFILL \
-                    and self._per_instance[name] < cfg.max_per_instance:  # fmt: skip
+            if src.healthy and src.role is Role.PREFILL and busy[name] < cfg.max_per_instance:
                 source, best = name, n
         if source is None:
             return None
