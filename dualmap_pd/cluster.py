@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from dualmap_pd.request import RoutedRequest
 
 
+# Parent of a block added without its chain (never a block hash: those are unsigned).
+UNKNOWN_PARENT = -1
+
+
 class Role(str, Enum):
     PREFILL = "prefill"
     DECODE = "decode"
@@ -35,6 +39,12 @@ class InstanceState:
     # Bumped whenever cached_blocks changes, so a request's memoised hit count can be reused
     # until the cache it was measured against changes.
     cache_epoch: int = 0
+    # Chain structure of cached_blocks. While every cached block's parent is cached too
+    # (gap_blocks == 0, the normal state: engines evict a chain's tail before its head), a
+    # prompt's cached blocks are exactly a leading run and matching it is a binary search.
+    block_parent: dict[int, int | None] = field(default_factory=dict)  # None: a chain's first
+    cached_children: dict[int, int] = field(default_factory=dict)  # block -> its cached children
+    gap_blocks: int = 0  # cached blocks whose parent is not cached (or was never told)
     # Scheduler-side queue (late dispatch): request ids in the order the policy wants them sent.
     queue: list[str] = field(default_factory=list)
     queued_uncached_tokens: int = 0
@@ -74,8 +84,8 @@ class ClusterView:
         self._name_of_bit: dict[int, str] = {}
         self._free_bits: list[int] = []  # bits of removed instances, reused lowest first
         self.membership_version = 0
-        # Bumped on every change to any instance's cached blocks (memo key for hit_blocks_all).
-        self.cache_version = 0
+        self._gappy_bits = 0  # instances whose cache has gaps (gap_blocks > 0)
+        self._unusable_bits: tuple[int, Role, int] | None = None  # memo: (version, role, bits)
 
     # -- membership -------------------------------------------------------------------------
     def add_instance(self, name: str, role: Role | str) -> InstanceState:
@@ -94,7 +104,9 @@ class ClusterView:
         self._drop_blocks(name, st.cached_blocks)
         del self._instances[name]
         st.cached_blocks = set()
+        st.block_parent, st.cached_children, st.gap_blocks = {}, {}, 0
         bit = self._bit_of.pop(name)
+        self._gappy_bits &= ~bit
         del self._name_of_bit[bit]
         heapq.heappush(self._free_bits, bit)
         self.membership_version += 1
@@ -135,33 +147,69 @@ class ClusterView:
         return {s.name for s in self.instances(role) if not s.eligible}
 
     # -- cache index ------------------------------------------------------------------------
-    def add_blocks(self, name: str, hashes: Iterable[int]) -> None:
+    def add_blocks(self, name: str, hashes: Sequence[int], parents: Sequence[int | None] | None = None) -> None:
+        """``name`` now caches ``hashes``. ``parents[i]`` is the block before ``hashes[i]`` in
+        its chain (None for a prompt's first block); without it the chain is unknown and that
+        instance's prefix matches walk block by block until these blocks leave again."""
         st = self._instances[name]
         st.cache_epoch += 1
-        self.cache_version += 1
         index, bit, cached = self._holder_bits, self._bit_of[name], st.cached_blocks
-        for h in hashes:
-            if h not in cached:
-                cached.add(h)
-                index[h] = index.get(h, 0) | bit
+        parent_of, children = st.block_parent, st.cached_children
+        gaps = st.gap_blocks
+        for i, h in enumerate(hashes):
+            if h in cached:
+                continue
+            cached.add(h)
+            index[h] = index.get(h, 0) | bit
+            p = parents[i] if parents is not None else UNKNOWN_PARENT
+            parent_of[h] = p
+            if p is not None:
+                if p == UNKNOWN_PARENT or p not in cached:
+                    gaps += 1
+                if p != UNKNOWN_PARENT:
+                    children[p] = children.get(p, 0) + 1
+            gaps -= children.get(h, 0)  # its cached children have their parent back
+        self._set_gaps(st, gaps)
 
     def remove_blocks(self, name: str, hashes: Iterable[int]) -> None:
         st = self._instances[name]
         st.cache_epoch += 1
-        self.cache_version += 1
-        removed = [h for h in hashes if h in st.cached_blocks]
-        st.cached_blocks.difference_update(removed)
+        cached, parent_of, children = st.cached_blocks, st.block_parent, st.cached_children
+        gaps = st.gap_blocks
+        removed = []
+        for h in hashes:
+            if h not in cached:
+                continue
+            cached.discard(h)
+            removed.append(h)
+            p = parent_of.pop(h)
+            if p is not None:
+                if p == UNKNOWN_PARENT or p not in cached:
+                    gaps -= 1
+                if p != UNKNOWN_PARENT:
+                    left = children[p] - 1
+                    if left:
+                        children[p] = left
+                    else:
+                        del children[p]
+            gaps += children.get(h, 0)  # its cached children lost their parent
+        self._set_gaps(st, gaps)
         self._drop_blocks(name, removed)
 
     def clear_blocks(self, name: str) -> None:
         st = self._instances[name]
         st.cache_epoch += 1
-        self.cache_version += 1
         self._drop_blocks(name, st.cached_blocks)
         st.cached_blocks = set()
+        st.block_parent, st.cached_children = {}, {}
+        self._set_gaps(st, 0)
+
+    def _set_gaps(self, st: InstanceState, gaps: int) -> None:
+        st.gap_blocks = gaps
+        bit = self._bit_of[st.name]
+        self._gappy_bits = self._gappy_bits | bit if gaps else self._gappy_bits & ~bit
 
     def _drop_blocks(self, name: str, hashes: Iterable[int]) -> None:
-        self.cache_version += 1
         index, keep = self._holder_bits, ~self._bit_of[name]
         for h in hashes:
             left = index.get(h, 0) & keep
@@ -179,8 +227,21 @@ class ClusterView:
 
     def hit_blocks(self, name: str, block_hashes: Sequence[int]) -> int:
         """Leading blocks of the prompt cached on ``name`` (chained hashes: stop at the first miss)."""
+        st = self._instances[name]
+        cached = st.cached_blocks
+        if st.gap_blocks == 0:
+            # No gaps: a cached block's whole chain is cached, so "block i is cached" holds for
+            # a leading run of i and the run's end is found in log2(prompt blocks) probes.
+            lo, hi = 0, len(block_hashes)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if block_hashes[mid] in cached:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return lo
         # takewhile runs the membership tests in C: a third faster than a Python loop.
-        return len(list(takewhile(self._instances[name].cached_blocks.__contains__, block_hashes)))
+        return len(list(takewhile(cached.__contains__, block_hashes)))
 
     def hit_tokens(self, name: str, block_hashes: Sequence[int]) -> int:
         return self.hit_blocks(name, block_hashes) * self.block_size
@@ -188,11 +249,7 @@ class ClusterView:
     def request_hit_blocks(self, req: RoutedRequest, name: str) -> int:
         """``hit_blocks`` for a request, memoised on the request until ``name``'s cache
         changes: one decision asks for the same count several times (select, queue order,
-        dispatch), and a long prompt costs one set lookup per block. A still-valid
-        ``request_hit_blocks_all`` answer already holds every instance's count."""
-        every = req.hit_all_memo
-        if every is not None and every[0] == self.cache_version:
-            return every[1].get(name, 0)
+        dispatch)."""
         epoch = self._instances[name].cache_epoch
         memo = req.hit_memo.get(name)
         if memo is not None and memo[0] == epoch:
@@ -232,19 +289,47 @@ class ClusterView:
             result[name] = depth
         return result
 
-    def request_hit_blocks_all(self, req: RoutedRequest) -> Mapping[str, int]:
-        """``hit_blocks_all`` for a request, memoised on it until any cache changes: a
-        migration-aware decision prices several targets against the same holders."""
-        memo = req.hit_all_memo
-        if memo is not None and memo[0] == self.cache_version:
-            return memo[1]
-        hits = self.hit_blocks_all(req.block_hashes)
-        req.hit_all_memo = (self.cache_version, hits)
-        return hits
+    def longest_run(self, block_hashes: Sequence[int], exclude: Iterable[str] = (), role: Role = Role.PREFILL) -> tuple[int, list[str]]:
+        """The longest leading run of the prompt that a healthy ``role`` instance outside
+        ``exclude`` caches in full, and every such instance caching it ((0, []) if none).
 
-    def is_held(self, block_hash: int) -> bool:
-        """Some instance caches this block."""
-        return block_hash in self._holder_bits
+        Gap-free instances are searched together in O(log prompt blocks): for them "holds
+        block i" implies "holds blocks 0..i", so "some of them holds block i" is true for a
+        leading run of i. Instances with gaps are walked one by one.
+        """
+        skip = self._unusable(role)
+        for name in exclude:
+            skip |= self._bit_of.get(name, 0)
+        gappy = self._gappy_bits & ~skip
+        usable = ~(skip | gappy)
+        get = self._holder_bits.get
+        lo, hi = 0, len(block_hashes)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if get(block_hashes[mid], 0) & usable:
+                lo = mid + 1
+            else:
+                hi = mid
+        best = lo
+        names = list(self._names(get(block_hashes[lo - 1], 0) & usable)) if lo else []
+        for name in self._names(gappy):
+            n = self.hit_blocks(name, block_hashes)
+            if n > best:
+                best, names = n, [name]
+            elif n == best and n:
+                names.append(name)
+        return best, names
+
+    def _unusable(self, role: Role) -> int:
+        """Bits of instances that are unhealthy or of another role (memoised per membership)."""
+        memo = self._unusable_bits
+        if memo is None or memo[0] != self.membership_version or memo[1] is not role:
+            bits = 0
+            for st in self._instances.values():
+                if st.role is not role or not st.healthy:
+                    bits |= self._bit_of[st.name]
+            memo = self._unusable_bits = (self.membership_version, role, bits)
+        return memo[2]
 
     def holders(self, block_hash: int) -> frozenset[str]:
         return frozenset(self._names(self._holder_bits.get(block_hash, 0)))

@@ -31,8 +31,6 @@ class RoutedRequest:
     moves: int = 0
     # instance -> (cache epoch, hit blocks): see ClusterView.request_hit_blocks.
     hit_memo: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # (view.cache_version, instance -> leading cached blocks) of the last global lookup.
-    hit_all_memo: tuple[int, dict[str, int]] | None = None
 
     def routing_key(self, depth: int) -> int:
         """The key for a prefix of ``depth`` blocks (the chained hash of its last block)."""

@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from dualmap_pd.cluster import ClusterView
+from dualmap_pd.cluster import UNKNOWN_PARENT, ClusterView
 from dualmap_pd.hashing import hash_block
 
 logger = logging.getLogger(__name__)
@@ -299,14 +299,22 @@ class KVEventSubscriber:
             self._blocks[h] = e  # the caller holds it right away
         return e
 
-    def _hold(self, e: _Entry, medium: str | None, new: list[int]) -> None:
+    def _hold(self, e: _Entry, medium: str | None, new: list[tuple[int, int | None]]) -> None:
         """Mark ``e`` held in ``medium``; a block held nowhere before enters the view."""
         if not e.media and e.ours is not None:
             n = self._refs.get(e.ours, 0)
             self._refs[e.ours] = n + 1
             if n == 0:
-                new.append(e.ours)
+                new.append((e.ours, self._parent_ours(e)))
         e.media.add(medium)
+
+    def _parent_ours(self, e: _Entry) -> int | None:
+        """Our hash of ``e``'s parent block (None: a prompt's first block), so the view knows
+        the chain; UNKNOWN_PARENT if the parent never translated."""
+        if e.parent is None:
+            return None
+        pe = self._blocks.get(e.parent) or self._stale.get(e.parent)
+        return pe.ours if pe is not None and pe.ours is not None else UNKNOWN_PARENT
 
     def _stored(self, ev: BlockStored) -> None:
         bs, n = ev.block_size, len(ev.block_hashes)
@@ -317,7 +325,7 @@ class KVEventSubscriber:
                             len(ev.token_ids), n, bs, self.block_size)
         # LoRA / salted / multimodal KV (and all its descendants) never serves a plain token prompt.
         alien = ev.lora_id is not None or ev.lora_name is not None or not chainable
-        new: list[int] = []
+        new: list[tuple[int, int | None]] = []  # (our hash, our hash of its parent)
         cur: int | None = None
         parent = ev.parent_block_hash
         unchained = False
@@ -342,16 +350,17 @@ class KVEventSubscriber:
                 if e.media:  # an orphan learns its chain (e.g. a "full" report from block 0)
                     self._refs[ours] = self._refs.get(ours, 0) + 1
                     if self._refs[ours] == 1:
-                        new.append(ours)
+                        new.append((ours, cur))
                 e.ours, e.parent = ours, parent
             self._hold(e, ev.medium, new)
             cur, parent, unchained = e.ours, h, e.ours is None
         self.stats.blocks_stored += n
         if new and self.instance in self.view:
-            self.view.add_blocks(self.instance, new)
-            self._fire(self._stored_cbs, new)
+            hashes = [h for h, _ in new]
+            self.view.add_blocks(self.instance, hashes, [p for _, p in new])
+            self._fire(self._stored_cbs, hashes)
 
-    def _revive(self, h: EngineHash | None, medium: str | None, new: list[int]) -> None:
+    def _revive(self, h: EngineHash | None, medium: str | None, new: list[tuple[int, int | None]]) -> None:
         """A block being stored proves its ancestors are held: re-add any the index lost."""
         while h is not None and (e := self._lookup(h)) is not None and not e.media:
             self._hold(e, medium, new)

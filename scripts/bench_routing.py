@@ -59,7 +59,7 @@ def bench(policy_name: str, n: int, records, block_size: int) -> dict:
             lat_ns.append(t1 - t0)
         # The engine finishes at once and stores the prompt's blocks (as its KV events would say).
         for r, inst in sent:
-            view.add_blocks(inst, r.block_hashes)
+            view.add_blocks(inst, r.block_hashes, [None, *r.block_hashes[:-1]])
             router.finish_prefill(r.request_id, now)
     lat_us = sorted(x / 1000 for x in lat_ns)
     return {

@@ -147,8 +147,16 @@ def test_index_equals_engine_blocks_under_eviction(int_hashes: bool) -> None:
         if seq % 50 == 49:
             events += pool.evict(enc, 3)
         sub.apply_batch(seq, enc.encode(events))
-        assert view["p0"].cached_blocks == pool.expected()
+        cached = view["p0"].cached_blocks
+        assert cached == pool.expected()
+        # The chain the events carry reaches the view: its prefix match (a binary search while
+        # the cache has no gaps) agrees with a plain walk.
+        for p in prefixes + [tokens]:
+            ours = block_hashes(p, 4)
+            walk = next((i for i, h in enumerate(ours) if h not in cached), len(ours))
+            assert view.hit_blocks("p0", ours) == walk
     assert sub.stats.blocks_removed > 0 and sub.stats.unknown_parents == 0
+    assert view["p0"].gap_blocks == 0  # the engine evicts tails first: no gaps, binary search
 
 
 def test_gap_without_replay_drops_index_then_revives_chain() -> None:

@@ -174,20 +174,26 @@ class MigrationPlanner:
         arriving = self._arriving.get(instance)
         if not arriving:
             return cached, cached, 0.0, 0.0
-        n, ready, began = cached, 0.0, 0.0
-        hashes = req.block_hashes
-        while n < len(hashes):
-            hit = arriving.get(hashes[n])
-            if hit is None:
-                if hashes[n] in view[instance].cached_blocks:  # arrived part-way (live events)
-                    n += 1
-                    continue
+        # A tight loop: a copied prefix can be a thousand blocks, and each plan's blocks share
+        # one ready time, so plans are priced once after the walk.
+        hashes, have = req.block_hashes, view[instance].cached_blocks
+        get, end = arriving.get, len(hashes)
+        plans: dict[int, float] = {}
+        n = cached
+        while n < end:
+            h = hashes[n]
+            hit = get(h)
+            if hit is not None:
+                plans[hit[1]] = hit[0]
+            elif h not in have:  # not arriving and not arrived part-way (live events): stop
                 break
-            ready = max(ready, hit[0])
-            entry = self._inflight.get(hit[1])
+            n += 1
+        ready, began = 0.0, 0.0
+        for plan_id, at in plans.items():
+            ready = max(ready, at)
+            entry = self._inflight.get(plan_id)
             if entry is not None:
                 began = max(began, entry.began_at)
-            n += 1
         return cached, n, ready, began
 
     def _wait_deadline(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> tuple[int, int, float | None]:
@@ -241,24 +247,12 @@ class MigrationPlanner:
         if self._per_instance[target] >= cfg.max_per_instance:
             return None
         _, have, _, _ = self._arriving_run(req, target, view)
-        # A source must hold at least `need` leading blocks, so it holds block need-1: when no
-        # instance does, there is nothing to copy and no need to walk the prompt.
-        need = have + cfg.min_blocks
-        if need > len(req.block_hashes) or not view.is_held(req.block_hashes[need - 1]):
-            return None
-        holders = view.request_hit_blocks_all(req)
-        source, best = None, have + cfg.min_blocks - 1
         busy = self._per_instance
-        for name, n in holders.items():
-            # The longest run wins; among equal runs the smallest name, so that the index's
-            # iteration order never picks the source.
-            if n < best or (n == best and (source is None or name > source)) or name == target:
-                continue
-            src = view[name]
-            if src.healthy and src.role is Role.PREFILL and busy[name] < cfg.max_per_instance:
-                source, best = name, n
-        if source is None:
+        full = [name for name, n in busy.items() if n >= cfg.max_per_instance]
+        best, holders = view.longest_run(req.block_hashes, exclude=[target, *full])
+        if best < have + cfg.min_blocks:
             return None
+        source = min(holders)  # among equal runs the smallest name: never the index's order
         missing_tokens = (best - have) * view.block_size
         nbytes = self.cost.kv_bytes(missing_tokens)
         if self._bytes_in_flight + nbytes > cfg.max_bytes_in_flight:

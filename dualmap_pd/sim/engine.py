@@ -284,5 +284,8 @@ class Engine:
             if self.migrated:
                 self.migrated.difference_update(evicted)
         if stored:
-            self.view.add_blocks(self.name, stored)
+            # block_hashes is a chain from a prompt's first block: each block's parent is the
+            # one before it.
+            parent_of = dict(zip(block_hashes[1:], block_hashes))
+            self.view.add_blocks(self.name, stored, [parent_of.get(h) for h in stored])
         return stored
