@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 from itertools import takewhile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING

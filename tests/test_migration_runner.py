@@ -16,7 +16,6 @@ from scheduler import migration_runner as mr
 from scheduler.migration_runner import (
     MigrationMetrics, MigrationRunner, MigrationRunnerOptions, PromptMemory, build_migrator,
 )  # fmt: skip
-from scheduler.prom import SchedulerMetrics
 from tests.fakes.migrator import FakeMigrator
 from tests.policy_helpers import make_view
 from tests.service_harness import ByteTokenizer, cluster, run
