@@ -5,7 +5,7 @@ A decision is what the scheduler does on the hot path once the prompt's block ha
 (tokenization and hashing excluded): the router's admit (policy.select, enqueue, the policy's
 on_decision hook, the rebalancing check) plus the dispatch check. Requests come from a real
 trace; instances' caches are warmed by routing the first half of it and letting each request
-"finish" at once, so selection sees realistic hit patterns.
+"finish" (and each prefix copy land) at once, so selection sees realistic hit patterns.
 
     python scripts/bench_routing.py [--trace PATH] [--instances 8,64,1024] [--policies dualmap,...] [--json]
 """
@@ -57,6 +57,14 @@ def bench(policy_name: str, n: int, records, block_size: int) -> dict:
         t1 = clock()
         if i >= warm:
             lat_ns.append(t1 - t0)
+        # Prefix copies land at once (as the migration executor would report them) and release
+        # the requests held for them.
+        planner = router.policy.migration
+        for plan in router.take_migrations():
+            planner.on_started(plan, now)
+            view.add_blocks(plan.target, plan.block_hashes, [None, *plan.block_hashes[:-1]])
+            planner.on_finished(plan, now)
+            sent += router.take_dispatchable(now, [plan.target])
         # The engine finishes at once and stores the prompt's blocks (as its KV events would say).
         for r, inst in sent:
             view.add_blocks(inst, r.block_hashes, [None, *r.block_hashes[:-1]])
