@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import math
 import os
 import pstats
@@ -75,10 +76,12 @@ def main() -> int:
     ap.add_argument("--profile-top", type=int, default=0, help="cProfile each run, print the top N functions")
     ap.add_argument("--large-load", type=float, default=0.5, help="large run's per-instance load vs the small run's")
     ap.add_argument("--modes", default="colocated,disaggregated")
+    ap.add_argument("--json", action="store_true", help="end with one JSON object: every run's times and summary")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    load = os.getloadavg()[0]
-    print(f"machine: {os.cpu_count()} cpus, load average {load:.1f} (wall times inflate under load)")
+    load_avg = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} cpus, load average {load_avg:.1f} (wall times inflate under load)")
+    rows: list[dict] = []
     runs = [("12k requests, 8 instances", 12_000, 8, False, 1.0)]
     if not args.skip_large:
         runs.append(("100k requests, 1024 instances", 100_000, 1024, True, args.large_load))
@@ -96,7 +99,11 @@ def main() -> int:
                 decode=max(1, instances // 2),
                 rate_scale=rate_scale,
             )
-            bench(f"{label}, {mode}, {args.policy}", cfg, trace, args.profile_top)
+            row = bench(f"{label}, {mode}, {args.policy}", cfg, trace, args.profile_top)
+            rows.append({"run": label, "mode": mode, "policy": args.policy, "requests": n, "instances": instances,
+                         "prepare_wall_s": prep_wall, **row})
+    if args.json:
+        print(json.dumps({"load_average": load_avg, "runs": rows}))
     return 0
 
 
