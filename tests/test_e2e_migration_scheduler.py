@@ -14,7 +14,6 @@ import asyncio
 import os
 import random
 import signal
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import aiohttp
 import pytest
 
 from dualmap_pd.hashing import block_hashes
+from tests.e2e_support import wait_for
 from tests.real_engines import tiny_model_or_skip
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
@@ -111,15 +111,6 @@ async def metric(url: str, name: str) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name + "{"))
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def hot_burst(rig: Rig, prefix: list[int], n: int, seed: int) -> tuple[str, list[tuple[list[int], str]], list[list[int]]]:
     """Put ``prefix`` on one instance (returned), then send ``n`` requests carrying it at once.
     Returns (holder, [(output ids, prefill instance)], prompts)."""
@@ -205,6 +196,9 @@ def test_source_dying_mid_copy_fails_the_migration_and_every_request_is_served(r
                 await asyncio.sleep(1.0)
             return answer
 
+    # Copies still running from the previous test hold the per-instance migration slots.
+    planner = rig.scheduler.prefill_policy.migration
+    assert wait_for(lambda: rig.call(lambda: not planner.in_flight()), 120), rig.call(planner.in_flight)
     rig.call(lambda: setattr(runner, "migrator", KillSourceAfterItsLeg(MODEL, block_size=BS, connect_timeout=2)))
     # The previous test's copies (out of an overloaded source on 2 cores) taught the planner
     # that copies are slower than recomputing here; this test needs one to start.
@@ -215,7 +209,7 @@ def test_source_dying_mid_copy_fails_the_migration_and_every_request_is_served(r
         holder, served, prompts = hot_burst(rig, prefix, n=8, seed=prompts_seed)
     finally:
         rig.call(lambda: setattr(runner, "migrator", real))
-    assert killed == [holder]
+    assert killed == [holder], (rig.call(lambda: planner.stats), rig.call(lambda: dict(rig.scheduler.router.stats.decisions)))
     assert len(served) == 8 and all(len(ids) == 4 for ids, _ in served)  # every request served
     survivor = "B" if holder == "A" else "A"
     assert any(inst == survivor for _, inst in served)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,7 +14,7 @@ import pytest
 
 from dualmap_pd.hashing import block_hashes
 from scheduler.tokenization import ChatOptions, encode_chat
-from tests.e2e_support import E2ECluster
+from tests.e2e_support import E2ECluster, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -40,15 +38,6 @@ def engine_metrics(url: str) -> dict[str, float]:
         if name in out:
             out[name] += float(line.rsplit(" ", 1)[1])
     return out
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def generate(url: str, endpoint: str, body: dict[str, Any]) -> tuple[str, httpx.Headers]:
