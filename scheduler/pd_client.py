@@ -74,6 +74,15 @@ class InstanceUnreachable(Exception):
         self.answered = answered
 
 
+def _unreachable(exc: OSError) -> InstanceUnreachable:
+    """What a connection error on a request to an engine says about the instance."""
+    if isinstance(exc, (UpstreamClosed, UpstreamProtocolError)):  # the request went out
+        answered = isinstance(exc, UpstreamProtocolError) or exc.partial
+        return InstanceUnreachable(str(exc), request_sent=True, answered=answered)
+    # Refused, unreachable, connect timed out: nothing was sent.
+    return InstanceUnreachable(str(exc) or "connect timed out", request_sent=False)
+
+
 class DecodeLegFailed(Exception):
     """The decode leg failed before the client saw a byte: it may be retried elsewhere."""
 
@@ -188,11 +197,8 @@ class PDClient:
                 resp.close()  # no-op once read; aborts the engine request otherwise
         except UpstreamTimeout:
             raise
-        except (UpstreamClosed, UpstreamProtocolError) as exc:
-            answered = isinstance(exc, UpstreamProtocolError) or exc.partial
-            raise InstanceUnreachable(str(exc), request_sent=True, answered=answered) from exc
-        except OSError as exc:  # refused, unreachable, connect timed out: nothing was sent
-            raise InstanceUnreachable(str(exc) or "connect timed out", request_sent=False) from exc
+        except OSError as exc:
+            raise _unreachable(exc) from exc
 
     async def open_decode(self, base_url: str, path: str, body: bytes) -> UpstreamResponse:
         """The decode response, headers read; the caller must release or close it."""
@@ -202,11 +208,8 @@ class PDClient:
             )
         except UpstreamTimeout:
             raise
-        except (UpstreamClosed, UpstreamProtocolError) as exc:
-            answered = isinstance(exc, UpstreamProtocolError) or exc.partial
-            raise InstanceUnreachable(str(exc), request_sent=True, answered=answered) from exc
         except OSError as exc:
-            raise InstanceUnreachable(str(exc) or "connect timed out", request_sent=False) from exc
+            raise _unreachable(exc) from exc
 
 
 class PDHandoff:
