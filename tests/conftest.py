@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +22,8 @@ def pd_cluster() -> Iterator[object]:
     """
     model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
-    from scheduler.launcher import LocalCluster
-    from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tokenization import HFPromptTokenizer
     from tests.e2e_support import (
-        HTTP_PORTS, KV_EVENT_PORTS, NIXL_PORTS, E2ECluster, PrefillLedger, SchedulerThread,
+        HTTP_PORTS, KV_EVENT_PORTS, NIXL_PORTS, E2ECluster, PrefillLedger, running_cluster,
     )  # fmt: skip
 
     http, kv, nixl = list(HTTP_PORTS), list(KV_EVENT_PORTS), list(NIXL_PORTS)
@@ -41,21 +37,6 @@ def pd_cluster() -> Iterator[object]:
         ],
         "decode": [{"name": "decode-0", "port": http[2], "nixl_side_channel_port": nixl[2], "cpus": "1"}],
     })  # fmt: skip
-    cluster = LocalCluster(config)
-    started = time.monotonic()
-    thread = None
-    try:
-        cluster.start()
-        cluster.wait_healthy(timeout=300)
-        startup = time.monotonic() - started
-        scheduler = Scheduler(
-            config, HFPromptTokenizer(model), options=SchedulerOptions.from_config(config),
-            intake=default_intake(),
-        )  # fmt: skip
-        thread = SchedulerThread(scheduler)
-        thread.start()
-        yield E2ECluster(config, cluster, scheduler, thread, PrefillLedger(config.block_size), startup)
-    finally:
-        if thread is not None:
-            thread.stop()
-        cluster.stop()
+    with running_cluster(config, model, healthy_timeout=300) as run:
+        yield E2ECluster(config, run.cluster, run.scheduler, run.thread, PrefillLedger(config.block_size),
+                         run.startup_seconds)  # fmt: skip

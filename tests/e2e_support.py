@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -17,7 +19,7 @@ from dualmap_pd.hashing import block_hashes
 from scheduler.app import bound_port, create_app, start_site
 from scheduler.config import ClusterConfig
 from scheduler.launcher import LocalCluster
-from scheduler.service import Scheduler
+from scheduler.service import Scheduler, SchedulerOptions
 
 T = TypeVar("T")
 
@@ -67,6 +69,45 @@ class SchedulerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
+
+
+@dataclass
+class RunningCluster:
+    cluster: LocalCluster
+    scheduler: Scheduler
+    thread: SchedulerThread
+    startup_seconds: float  # until every server answered /health
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+
+@contextmanager
+def running_cluster(
+    config: ClusterConfig, model: str | Path, options: SchedulerOptions | None = None, healthy_timeout: float = 900.0
+) -> Iterator[RunningCluster]:
+    """Start every server of ``config``, then the scheduler (the model's own tokenizer, KV-event
+    and metrics intake) on a free port; stop both on exit, whatever happened."""
+    from scheduler.service import default_intake
+    from scheduler.tokenization import HFPromptTokenizer  # transformers: only when a test runs
+
+    cluster = LocalCluster(config)
+    thread = None
+    started = time.monotonic()
+    try:
+        cluster.start()
+        cluster.wait_healthy(timeout=healthy_timeout)
+        startup = time.monotonic() - started
+        scheduler = Scheduler(config, HFPromptTokenizer(model), options=options or SchedulerOptions.from_config(config),
+                              intake=default_intake())  # fmt: skip
+        thread = SchedulerThread(scheduler)
+        thread.start()
+        yield RunningCluster(cluster, scheduler, thread, startup)
+    finally:
+        if thread is not None:
+            thread.stop()
+        cluster.stop()
 
 
 @dataclass

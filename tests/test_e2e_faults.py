@@ -49,10 +49,8 @@ class Faulty:
 def faulty() -> Iterator[Faulty]:
     model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
-    from scheduler.launcher import LocalCluster
-    from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tokenization import HFPromptTokenizer
-    from tests.e2e_support import SchedulerThread
+    from scheduler.service import SchedulerOptions
+    from tests.e2e_support import running_cluster
 
     config = config_from_dict({
         "model": str(model), "served_model_name": MODEL, "block_size": 128, "max_model_len": 2048,
@@ -64,20 +62,9 @@ def faulty() -> Iterator[Faulty]:
         "decode": [{"name": f"decode-{i}", "port": HTTP + 2 + i, "nixl_side_channel_port": NIXL + 2 + i,
                     "cpus": str(i)} for i in range(2)],
     })  # fmt: skip
-    cluster = LocalCluster(config)
-    thread = None
-    try:
-        cluster.start()
-        cluster.wait_healthy(timeout=900)
-        options = SchedulerOptions.from_config(config, health_interval_s=1.0, decode_idle_timeout_s=120.0)
-        scheduler = Scheduler(config, HFPromptTokenizer(model), options=options, intake=default_intake())
-        thread = SchedulerThread(scheduler)
-        url = thread.start()
-        yield Faulty(cluster, thread, url)
-    finally:
-        if thread is not None:
-            thread.stop()
-        cluster.stop()
+    options = SchedulerOptions.from_config(config, health_interval_s=1.0, decode_idle_timeout_s=120.0)
+    with running_cluster(config, model, options) as run:
+        yield Faulty(run.cluster, run.thread, run.url)
 
 
 @dataclass

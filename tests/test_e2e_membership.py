@@ -19,7 +19,7 @@ import pytest
 from dualmap_pd.hashing import block_hashes
 from dualmap_pd.ring import DualRing
 from tests.conftest import REPO_ROOT
-from tests.e2e_support import wait_for
+from tests.e2e_support import running_cluster, wait_for
 from tests.real_engines import tiny_model_or_skip
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -46,10 +46,6 @@ class Env:
 def two_prefill_cluster() -> Iterator[Env]:
     model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
-    from scheduler.launcher import LocalCluster
-    from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tokenization import HFPromptTokenizer
-    from tests.e2e_support import SchedulerThread
 
     config = config_from_dict({
         "model": str(model), "served_model_name": "tiny-llama", "block_size": BLOCK,
@@ -62,20 +58,8 @@ def two_prefill_cluster() -> Iterator[Env]:
         ],
         "decode": [{"name": "decode-0", "port": 8605, "nixl_side_channel_port": 5915, "cpus": "1"}],
     })  # fmt: skip
-    cluster = LocalCluster(config)
-    thread = None
-    try:
-        cluster.start()
-        cluster.wait_healthy(timeout=300)
-        scheduler = Scheduler(config, HFPromptTokenizer(model), options=SchedulerOptions.from_config(config),
-                              intake=default_intake())  # fmt: skip
-        thread = SchedulerThread(scheduler)
-        thread.start()
-        yield Env(cluster, thread, scheduler, config)
-    finally:
-        if thread is not None:
-            thread.stop()
-        cluster.stop()
+    with running_cluster(config, model, healthy_timeout=300) as run:
+        yield Env(run.cluster, run.thread, run.scheduler, config)
 
 
 def prompt(seed: int, blocks: int = 2) -> list[int]:

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from dualmap_pd.hashing import block_hashes
-from tests.e2e_support import wait_for
+from tests.e2e_support import running_cluster, wait_for
 from tests.real_engines import tiny_model_or_skip
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
@@ -49,10 +49,7 @@ class Rig:
 def rig() -> Iterator[Rig]:
     model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
-    from scheduler.launcher import LocalCluster
-    from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tokenization import HFPromptTokenizer
-    from tests.e2e_support import SchedulerThread
+    from scheduler.service import SchedulerOptions
 
     config = config_from_dict({
         "model": str(model), "served_model_name": MODEL, "block_size": BS,
@@ -66,29 +63,18 @@ def rig() -> Iterator[Rig]:
         ],
         "decode": [{"name": "D", "port": HTTP + 2, "nixl_side_channel_port": NIXL + 2, "cpus": "1"}],
     })  # fmt: skip
-    cluster = LocalCluster(config)
-    thread = None
-    try:
-        cluster.start()
-        cluster.wait_healthy(timeout=900)
-        options = SchedulerOptions.from_config(
-            config, prefill_policy="dualmap", slo_ttft=0.3, migration_backend="nixl", migration_timeout_s=60.0
-        )
-        scheduler = Scheduler(config, HFPromptTokenizer(model), options=options, intake=default_intake())
+    options = SchedulerOptions.from_config(
+        config, prefill_policy="dualmap", slo_ttft=0.3, migration_backend="nixl", migration_timeout_s=60.0
+    )
+    with running_cluster(config, model, options) as run:
         # What copies really take here (scripts/bench_migration.py on these machines: ~135 ms for
         # 2,000 tokens of the tiny model, ~20x the qwen7b profile's link model), so requests sent
         # to the target wait for the copy rather than race it from the first migration on.
-        scheduler.prefill_policy.migration.transfer_scale = 20.0
-        thread = SchedulerThread(scheduler)
-        thread.start()
+        run.thread.call(lambda: setattr(run.scheduler.prefill_policy.migration, "transfer_scale", 20.0))
         yield Rig(
-            scheduler, thread, {i.name: i.url for i in config.instances},
-            lambda name: os.killpg(cluster.servers[name].proc.pid, signal.SIGKILL),
+            run.scheduler, run.thread, {i.name: i.url for i in config.instances},
+            lambda name: os.killpg(run.cluster.servers[name].proc.pid, signal.SIGKILL),
         )  # fmt: skip
-    finally:
-        if thread is not None:
-            thread.stop()
-        cluster.stop()
 
 
 def tokens(n: int, seed: int) -> list[int]:
