@@ -52,7 +52,7 @@ def register_launch(subparsers: Any) -> argparse.ArgumentParser:
 
 def _launch(args: argparse.Namespace) -> int:
     from scheduler.config import ConfigError, load_config
-    from scheduler.launcher import run_launch
+    from scheduler.local.launcher import run_launch
 
     try:
         cfg = load_config(args.config)
@@ -67,7 +67,7 @@ def _launch(args: argparse.Namespace) -> int:
         return run_launch(
             cfg, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners, names=args.only
         )
-    from scheduler.scale_out import ScaleOutRequest, run_scale_out
+    from scheduler.membership.scale_out import ScaleOutRequest, run_scale_out
 
     req = ScaleOutRequest(
         role="prefill" if args.add_prefill else "decode", name=extra, host=args.host,
@@ -97,7 +97,7 @@ def register_build_tiny_model(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _build_tiny_model(args: argparse.Namespace) -> int:
-    from scheduler.tiny_model import build_tiny_model
+    from scheduler.local.tiny_model import build_tiny_model
 
     out = build_tiny_model(
         args.out,
@@ -136,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
 def register_replay(subparsers: Any) -> argparse.ArgumentParser:
     # The option definitions live with the replayer; importing it costs ~0.1 s (aiohttp), paid
     # only when a plugin command is invoked, never for the built-in ones.
-    from scheduler.replay import add_replay_arguments
+    from scheduler.replay.client import add_replay_arguments
 
     p = subparsers.add_parser(
         "replay",
@@ -150,6 +150,6 @@ def register_replay(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from scheduler.replay import run_replay_from_args
+    from scheduler.replay.client import run_replay_from_args
 
     return run_replay_from_args(args)

@@ -97,7 +97,7 @@ class EngineSettings:
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
-    """The admin API and runtime membership (scheduler/admin.py, scheduler/membership.py).
+    """The admin API and runtime membership (scheduler/http/admin.py, scheduler/membership/registry.py).
 
     The admin API is off unless a token is set here or in the DUALMAP_ADMIN_TOKEN environment
     variable (the variable wins; prefer it, a token in a config file is easy to leak).

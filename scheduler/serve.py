@@ -63,12 +63,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from scheduler.admin import AdminGuard
-    from scheduler.app import serve_forever
-    from scheduler.auth import ApiKeyError, ApiKeyGuard
+    from scheduler.http.admin import AdminGuard
+    from scheduler.http.app import serve_forever
+    from scheduler.http.auth import ApiKeyError, ApiKeyGuard
     from scheduler.config import ConfigError, load_config
     from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.tokenization import HFPromptTokenizer
+    from scheduler.dispatch.tokenization import HFPromptTokenizer
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -28,17 +28,17 @@ from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES, PolicyContext
 from dualmap_pd.policies.decode import decode_load
 from dualmap_pd.request import Decision, NoInstanceError, RoutedRequest
 from dualmap_pd.router import DispatchLimits, PrefillRouter
-from scheduler import errors
+from scheduler.http import errors
 from scheduler.config import ClusterConfig
-from scheduler.health import BreakerPolicy, HealthMonitor
-from scheduler.migration_runner import MigrationRunnerOptions, migration_runner_for
-from scheduler.membership import Membership
-from scheduler.pd_client import PDClient
+from scheduler.intake.health import BreakerPolicy, HealthMonitor
+from scheduler.dispatch.migration_runner import MigrationRunnerOptions, migration_runner_for
+from scheduler.membership.registry import Membership
+from scheduler.dispatch.pd_client import PDClient
 from scheduler.prom import KVTransferTotals, SchedulerMetrics
-from scheduler.tokenization import PromptTokenizer
+from scheduler.dispatch.tokenization import PromptTokenizer
 
 if TYPE_CHECKING:
-    from scheduler.engine_metrics import EngineSnapshot
+    from scheduler.intake.engine_metrics import EngineSnapshot
 
 log = logging.getLogger(__name__)
 # A scrape can fail once under load; three in a row (3 s at the poller's 1 s cadence) is down.
@@ -60,10 +60,10 @@ class SchedulerOptions:
     prefill_timeout_s: float = 600.0
     decode_idle_timeout_s: float = 600.0  # longest silence between two decode chunks
     max_connections: int = 4096
-    health_interval_s: float = 2.0  # active /health probe period (scheduler.health)
+    health_interval_s: float = 2.0  # active /health probe period (scheduler.intake.health)
     health_failure_threshold: int = 3  # timeouts/5xx/failed probes in a row that open a circuit
     health_open_s: float | None = None  # open circuit's wait before a half-open probe (None: interval)
-    migration_backend: str = "off"  # prefix-migration backend (nixl, lmcache) or off (scheduler.migration_runner)
+    migration_backend: str = "off"  # prefix-migration backend (nixl, lmcache) or off (scheduler.dispatch.migration_runner)
     migration_timeout_s: float = 30.0  # a prefix migration taking longer counts as failed
 
     @classmethod
@@ -330,7 +330,7 @@ class Scheduler:
     def estimated_ttft(self, st: InstanceState) -> float:
         return self.prefill_policy.estimated_ttft(st, 0)
 
-    # -- runtime membership (scheduler.membership) -------------------------------------------
+    # -- runtime membership (scheduler.membership.registry) -------------------------------------------
     @property
     def services(self) -> tuple[BackgroundService, ...]:
         return tuple(self._services)
@@ -366,13 +366,13 @@ class Scheduler:
 
 def default_intake(kv_events: bool = True, engine_metrics: bool = True) -> IntakeFactory:
     """The real intake: one KV-event subscriber per prefill instance that publishes events,
-    and the engine-metrics poller (both from scheduler.kv_events / scheduler.engine_metrics)."""
+    and the engine-metrics poller (both from scheduler.intake.kv_events / scheduler.intake.engine_metrics)."""
 
     def build(scheduler: Scheduler) -> list[BackgroundService]:
         cfg = scheduler.config
         services: list[BackgroundService] = []
         if kv_events:
-            from scheduler.kv_events import KVEventSubscriber
+            from scheduler.intake.kv_events import KVEventSubscriber
 
             for inst in cfg.prefill:
                 if inst.kv_events_endpoint is None:
@@ -391,7 +391,7 @@ def default_intake(kv_events: bool = True, engine_metrics: bool = True) -> Intak
 def engine_metrics_services(scheduler: Scheduler) -> list[BackgroundService]:
     """The engines' /metrics poller: load (kv usage) into the view, NIXL totals into our
     /metrics, and repeated scrape failures into instance health."""
-    from scheduler.engine_metrics import EngineMetricsPoller
+    from scheduler.intake.engine_metrics import EngineMetricsPoller
 
     cfg = scheduler.config
     poller = EngineMetricsPoller(

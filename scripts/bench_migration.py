@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from scheduler.config import config_from_dict  # the benchmark may use the launcher
-    from scheduler.launcher import LocalCluster
-    from scheduler.tiny_model import build_tiny_model
+    from scheduler.local.launcher import LocalCluster
+    from scheduler.local.tiny_model import build_tiny_model
 
     model = build_tiny_model(args.model_dir)
     kv = kv_size_from_model_dir(model)

@@ -270,7 +270,7 @@ async def _added_latency(args: argparse.Namespace, sched_url: str) -> dict[str, 
 
 def _histogram_quantiles(metrics_text: str, name: str, qs: tuple[float, ...]) -> dict[str, float]:
     """Quantiles of a Prometheus histogram, interpolated linearly inside its buckets."""
-    from scheduler.engine_metrics import parse_samples
+    from scheduler.intake.engine_metrics import parse_samples
 
     samples = parse_samples(metrics_text, {f"{name}_bucket", f"{name}_sum", f"{name}_count"})
     buckets = sorted((float(labels["le"]), v) for labels, v in samples.get(f"{name}_bucket", []))

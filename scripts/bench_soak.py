@@ -110,7 +110,7 @@ def _requests_done(sched: Any) -> int:
 
 
 async def _soak(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
-    from scheduler.app import bound_port, create_app, start_site
+    from scheduler.http.app import bound_port, create_app, start_site
     from scheduler.config import config_from_dict
     from scheduler.service import Scheduler, SchedulerOptions
     from tests.service_harness import ByteTokenizer

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from dualmap_pd.hashing import block_hashes
-from scheduler.app import bound_port, create_app, start_site
+from scheduler.http.app import bound_port, create_app, start_site
 from scheduler.config import ClusterConfig
-from scheduler.launcher import LocalCluster
+from scheduler.local.launcher import LocalCluster
 from scheduler.service import Scheduler, SchedulerOptions
 
 T = TypeVar("T")
@@ -90,7 +90,7 @@ def running_cluster(
     """Start every server of ``config``, then the scheduler (the model's own tokenizer, KV-event
     and metrics intake) on a free port; stop both on exit, whatever happened."""
     from scheduler.service import default_intake
-    from scheduler.tokenization import HFPromptTokenizer  # transformers: only when a test runs
+    from scheduler.dispatch.tokenization import HFPromptTokenizer  # transformers: only when a test runs
 
     cluster = LocalCluster(config)
     thread = None

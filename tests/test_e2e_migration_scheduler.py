@@ -207,7 +207,7 @@ def test_source_dying_mid_copy_fails_the_migration_and_every_request_is_served(r
         return totals[0] > failed_before or totals[1] > finished_before
 
     assert wait_for(settled, 120)
-    # Prefill engines keep vLLM's kv_load_failure_policy "fail" (scheduler/vllm_cmd.py), so the
+    # Prefill engines keep vLLM's kv_load_failure_policy "fail" (scheduler/local/vllm_cmd.py), so the
     # target answers the failed pull with an error and the copy is counted failed, not finished.
     recent = rig.call(lambda: list(runner.recent))
     assert rig.call(lambda: sum(runner.metrics.finished.values.values())) == finished_before, recent[-1:]

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from dualmap_pd.hashing import block_hashes
-from scheduler.tokenization import ChatOptions, encode_chat
+from scheduler.dispatch.tokenization import ChatOptions, encode_chat
 from tests.e2e_support import E2ECluster, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]

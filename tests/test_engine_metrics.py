@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dualmap_pd.cluster import ClusterView
-from scheduler.engine_metrics import (
+from scheduler.intake.engine_metrics import (
     METRICS,
     EngineMetricsPoller,
     EngineSnapshot,

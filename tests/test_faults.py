@@ -10,7 +10,7 @@ import asyncio
 import json
 from typing import Any
 
-from scheduler.kv_events import KVEventSubscriber
+from scheduler.intake.kv_events import KVEventSubscriber
 from scheduler.service import Scheduler
 from tests.fakes.kv_publisher import FakeBlockPool, FakeKVPublisher
 from tests.fakes.openai_server import FakeServerConfig, Fault

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.auth import API_KEYS_ENV, ApiKeyError, ApiKeyGuard
+from scheduler.http.auth import API_KEYS_ENV, ApiKeyError, ApiKeyGuard
 from scheduler.config import SchedulerSettings
 from tests.fakes.openai_server import FakeServerConfig
 from tests.service_harness import MODEL, cluster, completion, run

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from scheduler.health import BreakerPolicy, BreakerState, CircuitBreaker, HealthMonitor
+from scheduler.intake.health import BreakerPolicy, BreakerState, CircuitBreaker, HealthMonitor
 from tests.service_harness import cluster, completion, eventually, run
 
 

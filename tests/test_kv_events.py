@@ -15,7 +15,7 @@ import pytest
 
 from dualmap_pd.cluster import ClusterView
 from dualmap_pd.hashing import block_hashes
-from scheduler.kv_events import (
+from scheduler.intake.kv_events import (
     END_SEQ,
     AllBlocksCleared,
     BlockRemoved,

@@ -1,4 +1,4 @@
-"""scheduler/migration_runner.py: plans executed through a (fake) PrefixMigrator, planner hooks,
+"""scheduler/dispatch/migration_runner.py: plans executed through a (fake) PrefixMigrator, planner hooks,
 failure handling, Prometheus families, and the Scheduler hooks (plan -> copy -> dispatch)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dualmap_pd.hashing import block_hashes
 from dualmap_pd.migration import Endpoint, MigrationError
 from dualmap_pd.policies.migration import MigrationPlanner
 from dualmap_pd.request import RoutedRequest
-from scheduler import migration_runner as mr
-from scheduler.migration_runner import (
+from scheduler.dispatch import migration_runner as mr
+from scheduler.dispatch.migration_runner import (
     MigrationMetrics, MigrationRunner, MigrationRunnerOptions, PromptMemory, build_migrator,
 )  # fmt: skip
 from tests.fakes.migrator import FakeMigrator

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dualmap_pd.trace import TraceRecord
-from scheduler.prompts import MIN_TOKEN_ID, WORDS, PromptScaling, PromptSynthesizer
-from scheduler.replay import ReplayInputError, ReplayOptions, main, replay, resolve_base_url
+from scheduler.replay.prompts import MIN_TOKEN_ID, WORDS, PromptScaling, PromptSynthesizer
+from scheduler.replay.client import ReplayInputError, ReplayOptions, main, replay, resolve_base_url
 from tests.fakes.openai_server import (
     FakeOpenAIServer,
     FakeServerConfig,
@@ -48,7 +48,7 @@ def test_same_id_gives_same_block_every_call_and_instance() -> None:
 def test_blocks_are_identical_across_processes() -> None:
     # A different PYTHONHASHSEED catches any accidental use of the salted built-in hash().
     code = (
-        "from scheduler.prompts import PromptSynthesizer as P;"
+        "from scheduler.replay.prompts import PromptSynthesizer as P;"
         "p = P(prompt_format='tokens');"
         "print(p.block_token_ids(123456789)[:64], p.block_words(5)[:16])"
     )

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from dualmap_pd.hashing import block_hashes
-from scheduler.app import bound_port, create_app, start_site
+from scheduler.http.app import bound_port, create_app, start_site
 from scheduler.service import IntakeFactory, Scheduler, SchedulerOptions, default_intake
 from tests.fakes.kv_publisher import FakeBlockPool, FakeKVPublisher
 from tests.fakes.openai_server import FakeOpenAIServer

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scheduler.admin import ADMIN_TOKEN_ENV
-from scheduler.admin_client import AdminClient, AdminRequestError
+from scheduler.http.admin import ADMIN_TOKEN_ENV
+from scheduler.membership.admin_client import AdminClient, AdminRequestError
 from scheduler.config import ConfigError, config_from_dict
-from scheduler.scale_out import ScaleOutRequest, new_instance
+from scheduler.membership.scale_out import ScaleOutRequest, new_instance
 from tests.service_harness import cluster, completion, eventually, run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from scheduler.engine_metrics import EngineMetricsPoller
+from scheduler.intake.engine_metrics import EngineMetricsPoller
 from scheduler.service import Scheduler, default_intake
 from tests.fakes.kv_publisher import FakeBlockPool, FakeKVPublisher
 from tests.fakes.vllm_metrics import FakeMetricsServer, FakeVllmMetrics

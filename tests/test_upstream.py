@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from scheduler.upstream import UpstreamClosed, UpstreamPool, UpstreamTimeout
+from scheduler.dispatch.upstream import UpstreamClosed, UpstreamPool, UpstreamTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from scheduler.config import config_from_dict
-from scheduler.vllm_cmd import server_command
+from scheduler.local.vllm_cmd import server_command
 
 
 def _config(**engine: object):  # type: ignore[no-untyped-def]

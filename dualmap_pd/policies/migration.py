@@ -8,7 +8,7 @@ the paper's profile), and the moved request, and those after it, hit the cache t
 ``MigrationPlanner`` is the decision half. It is pure when asked (``propose``, ``expected_hit_blocks``,
 ``hold_until``) and learns only through hooks called after a decision was carried out:
 ``on_planned`` (the router emitted the plan), ``on_started``, ``on_finished``, ``on_failed``.
-Executing a plan (the simulator's link model, or scheduler/migration_runner.py with a real
+Executing a plan (the simulator's link model, or scheduler/dispatch/migration_runner.py with a real
 ``PrefixMigrator``) is someone else's job.
 
 While a copy is on its way, its blocks count on the target as *arriving at* the plan's expected

@@ -2,7 +2,7 @@
 
 Two kinds of evidence reach a breaker:
 
-* passive, from the request path (scheduler.pd_client): a refused or dropped connection is
+* passive, from the request path (scheduler.dispatch.pd_client): a refused or dropped connection is
   *hard* evidence (the process is gone) and opens the circuit at once; a timeout or a
   502/503/504 answer is *soft* and opens it after ``failure_threshold`` in a row (a plain 500 is
   one request's failure, not the instance's); any success resets the count;

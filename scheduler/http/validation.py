@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
-from scheduler import errors
-from scheduler.errors import ApiError
-from scheduler.tokenization import ChatOptions
+from scheduler.http import errors
+from scheduler.http.errors import ApiError
+from scheduler.dispatch.tokenization import ChatOptions
 
 _decode = msgspec.json.decode
 # vLLM's CompletionRequest.max_tokens default; chat has none (it fills the context).

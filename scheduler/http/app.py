@@ -14,15 +14,15 @@ from collections.abc import Callable
 import msgspec
 from aiohttp import web
 
-from scheduler import errors
-from scheduler.admin import install_admin
-from scheduler.auth import ApiKeyGuard
-from scheduler.errors import ApiError
-from scheduler.pd_client import PDHandoff
+from scheduler.http import errors
+from scheduler.http.admin import install_admin
+from scheduler.http.auth import ApiKeyGuard
+from scheduler.http.errors import ApiError
+from scheduler.dispatch.pd_client import PDHandoff
 from scheduler.prom import CONTENT_TYPE
 from scheduler.service import Scheduler
-from scheduler.tokenization import LONG_PROMPT_CHARS, encode_chat
-from scheduler.validation import (
+from scheduler.dispatch.tokenization import LONG_PROMPT_CHARS, encode_chat
+from scheduler.http.validation import (
     Endpoint,
     GenerationRequest,
     check_context,
@@ -171,7 +171,7 @@ async def _stop(app: web.Application) -> None:
 
 
 def create_app(scheduler: Scheduler, api_keys: ApiKeyGuard | None = None) -> web.Application:
-    """``api_keys``: client keys for the /v1 API (scheduler/auth.py); None leaves it open."""
+    """``api_keys``: client keys for the /v1 API (scheduler/http/auth.py); None leaves it open."""
     app = web.Application(client_max_size=scheduler.options.max_body_bytes)
     app[SCHEDULER_KEY] = scheduler
     app[API_KEYS_KEY] = api_keys or ApiKeyGuard()
@@ -181,7 +181,7 @@ def create_app(scheduler: Scheduler, api_keys: ApiKeyGuard | None = None) -> web
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    install_admin(app, scheduler)  # /admin/*, behind the admin token (scheduler/admin.py)
+    install_admin(app, scheduler)  # /admin/*, behind the admin token (scheduler/http/admin.py)
     app.router.add_route("*", "/{tail:.*}", fallback)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)

@@ -9,7 +9,7 @@ Per request (the flow vLLM's NixlConnector expects):
    ``kv_transfer_params``; it pulls the KV over NIXL and generates;
 4. relay its answer: SSE chunks passed through byte for byte, or the JSON body as is.
 
-Upstream calls go through scheduler.upstream (keep-alive pools, far cheaper than aiohttp's
+Upstream calls go through scheduler.dispatch.upstream (keep-alive pools, far cheaper than aiohttp's
 client). If the client disconnects, aiohttp cancels the handler; every upstream response is
 closed on the way out, which makes vLLM abort the request, and the router forgets it.
 """
@@ -26,15 +26,15 @@ from urllib.parse import urlsplit
 import msgspec
 from aiohttp import web
 
-from scheduler import errors
-from scheduler.upstream import (
+from scheduler.http import errors
+from scheduler.dispatch.upstream import (
     UpstreamClosed,
     UpstreamPool,
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamTimeout,
 )
-from scheduler.validation import GenerationRequest
+from scheduler.http.validation import GenerationRequest
 
 if TYPE_CHECKING:
     from dualmap_pd.request import RoutedRequest

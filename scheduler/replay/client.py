@@ -2,7 +2,7 @@
 
 Open loop: each request is sent at its (rescaled) trace timestamp whether or not earlier ones
 have finished, because a closed loop would hide queueing, the thing a router is judged on.
-Prompts come from ``scheduler.prompts`` (deterministic per hash id, so prefix sharing in the
+Prompts come from ``scheduler.replay.prompts`` (deterministic per hash id, so prefix sharing in the
 trace becomes prefix sharing on the wire). Every request streams, so TTFT and TPOT are measured
 on the client, from the moment the request is sent; ``send_lag`` in the report says how far
 behind its trace time that was (client overload or the concurrency limit). A failed request is
@@ -25,8 +25,8 @@ import aiohttp
 import msgspec
 
 from dualmap_pd.trace import ArrivalScaling, TraceError, TraceRecord, arrival_times, load_trace
-from scheduler.prompts import PROMPT_FORMATS, PromptScaling, PromptSynthesizer
-from scheduler.replay_report import Progress, ReplayReport, RequestResult
+from scheduler.replay.prompts import PROMPT_FORMATS, PromptScaling, PromptSynthesizer
+from scheduler.replay.report import Progress, ReplayReport, RequestResult
 
 ENDPOINT_PATHS = MappingProxyType(
     {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -398,7 +398,7 @@ def run_replay_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m scheduler.replay``), same options as the subcommand."""
+    """Standalone entry (``python -m scheduler.replay.client``), same options as the subcommand."""
     parser = argparse.ArgumentParser(prog="dualmap-pd replay", description=__doc__.split("\n")[0])
     add_replay_arguments(parser)
     return run_replay_from_args(parser.parse_args(argv))

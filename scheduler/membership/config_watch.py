@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 from scheduler.background import cancel_and_wait
 from scheduler.config import ClusterConfig, ConfigError, InstanceConfig, load_config
-from scheduler.errors import ApiError
+from scheduler.http.errors import ApiError
 
 if TYPE_CHECKING:
-    from scheduler.membership import Membership
+    from scheduler.membership.registry import Membership
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from scheduler.config import ClusterConfig, ConfigError, InstanceConfig
-from scheduler.proctree import (
+from scheduler.local.proctree import (
     SPINNER_POLICIES,
     alive,
     deprioritize,
@@ -48,7 +48,7 @@ from scheduler.proctree import (
     set_tree_affinity,
     signal_tree,
 )
-from scheduler.vllm_cmd import instance_dir, server_command, server_env
+from scheduler.local.vllm_cmd import instance_dir, server_command, server_env
 
 LOG_TAIL_LINES = 40
 

@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from scheduler.admin import ADMIN_TOKEN_ENV
-from scheduler.admin_client import AdminClient, AdminRequestError
+from scheduler.http.admin import ADMIN_TOKEN_ENV
+from scheduler.membership.admin_client import AdminClient, AdminRequestError
 from scheduler.config import ClusterConfig, ConfigError, InstanceConfig, instance_from_dict
-from scheduler.launcher import LaunchError, LocalCluster, log_tail, port_free
+from scheduler.local.launcher import LaunchError, LocalCluster, log_tail, port_free
 
 KV_PULL_GRACE_S = 3.0  # after removal: decode engines may still be reading the last prefills' KV
 

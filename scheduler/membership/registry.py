@@ -1,7 +1,7 @@
 """Runtime membership of the prefill and decode pools: add, drain, undrain, remove.
 
-Used by the admin API (scheduler/admin.py) and the config-file watcher
-(scheduler/config_watch.py). Everything runs on the Scheduler's event loop, like the router.
+Used by the admin API (scheduler/http/admin.py) and the config-file watcher
+(scheduler/membership/config_watch.py). Everything runs on the Scheduler's event loop, like the router.
 
 - add: the instance joins the view (and so the rings: only the arcs next to its points move);
   its KV events and /metrics are subscribed when the running intake has such services. An
@@ -29,11 +29,11 @@ from dualmap_pd.cluster import InstanceState, Role
 from dualmap_pd.policies.dualmap import DualMapConfig, DualMapPolicy
 from dualmap_pd.request import RoutedRequest
 from scheduler.config import ConfigError, InstanceConfig
-from scheduler.errors import ApiError
-from scheduler.membership_metrics import MembershipMetrics
+from scheduler.http.errors import ApiError
+from scheduler.membership.metrics import MembershipMetrics
 
 if TYPE_CHECKING:
-    from scheduler.config_watch import ConfigWatcher
+    from scheduler.membership.config_watch import ConfigWatcher
     from scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class IntakeFollower:
         self._scheduler = scheduler
 
     async def attach(self, inst: InstanceConfig) -> None:
-        from scheduler.engine_metrics import EngineMetricsPoller
-        from scheduler.kv_events import KVEventSubscriber
+        from scheduler.intake.engine_metrics import EngineMetricsPoller
+        from scheduler.intake.kv_events import KVEventSubscriber
 
         sched = self._scheduler
         services = sched.services
@@ -73,8 +73,8 @@ class IntakeFollower:
             ))  # fmt: skip
 
     async def detach(self, name: str) -> None:
-        from scheduler.engine_metrics import EngineMetricsPoller
-        from scheduler.kv_events import KVEventSubscriber
+        from scheduler.intake.engine_metrics import EngineMetricsPoller
+        from scheduler.intake.kv_events import KVEventSubscriber
 
         for svc in self._scheduler.services:
             if isinstance(svc, EngineMetricsPoller):
@@ -103,7 +103,7 @@ class Membership:
         self._reaper = asyncio.create_task(self._reap_loop(), name="dualmap-membership-reaper")
         cfg = self._sched.config
         if cfg.admin.watch_config and cfg.source is not None:
-            from scheduler.config_watch import ConfigWatcher
+            from scheduler.membership.config_watch import ConfigWatcher
 
             self._watcher = ConfigWatcher(cfg.source, self, interval_s=cfg.admin.watch_interval_s)
             await self._watcher.start()

@@ -7,7 +7,7 @@ binds 127.0.0.1 by default. Clients send ``Authorization: Bearer <key>``, as Ope
 
 Guarded: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``. Open: ``/health`` and
 ``/metrics`` (load balancers and scrapers carry no key). The admin API has its own token
-(scheduler/admin.py); a client key never opens it.
+(scheduler/http/admin.py); a client key never opens it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from scheduler.errors import INVALID_REQUEST, ApiError
+from scheduler.http.errors import INVALID_REQUEST, ApiError
 
 API_KEYS_ENV = "DUALMAP_API_KEYS"
 MIN_KEY_CHARS = 16  # shorter keys are guessable; refused at start-up rather than accepted

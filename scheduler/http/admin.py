@@ -13,7 +13,7 @@ Auth: ``Authorization: Bearer <admin token>``. The token comes from DUALMAP_ADMI
 config's ``admin.token``; with neither, the admin API is disabled (every admin request gets 403)
 so a scheduler started without thinking about it cannot be reconfigured by anyone who reaches its
 port. The client API's keys never open the admin API. Added instances must live on a host of the
-allow-list (scheduler/allowlist.py). Every refusal is an OpenAI-format error.
+allow-list (scheduler/http/allowlist.py). Every refusal is an OpenAI-format error.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 import msgspec
 from aiohttp import web
 
-from scheduler.allowlist import HostAllowList
+from scheduler.http.allowlist import HostAllowList
 from scheduler.config import ConfigError, check_admin_token, instance_from_dict
-from scheduler.errors import ApiError, invalid_field, invalid_json
+from scheduler.http.errors import ApiError, invalid_field, invalid_json
 from scheduler.service import Scheduler
 
 ADMIN_TOKEN_ENV = "DUALMAP_ADMIN_TOKEN"
