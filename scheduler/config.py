@@ -13,7 +13,7 @@ import dataclasses
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -454,3 +454,30 @@ def _path(value: Any, base: Path, where: str) -> Path:
         raise ConfigError(f"{where} must be a path, got {value!r}")
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """Knobs of the service that are not part of the cluster config."""
+
+    prefill_policy: str = "dualmap"
+    decode_policy: str = "power_of_two"
+    cost_profile: str = "qwen7b-910b4"  # recalibrated online from observed prefill times
+    slo_ttft: float = 5.0
+    max_engine_pending: int = 2  # late dispatch: prefills an engine may hold at once
+    seed: int = 0
+    max_body_bytes: int = 8 * 2**20
+    connect_timeout_s: float = 5.0
+    prefill_timeout_s: float = 600.0
+    decode_idle_timeout_s: float = 600.0  # longest silence between two decode chunks
+    max_connections: int = 4096
+    health_interval_s: float = 2.0  # active /health probe period (scheduler.intake.health)
+    health_failure_threshold: int = 3  # timeouts/5xx/failed probes in a row that open a circuit
+    health_open_s: float | None = None  # open circuit's wait before a half-open probe (None: interval)
+    migration_backend: str = "off"  # prefix-migration backend (nixl, lmcache) or off (scheduler.dispatch.migration_runner)
+    migration_timeout_s: float = 30.0  # a prefix migration taking longer counts as failed
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig, **overrides: object) -> SchedulerOptions:
+        base = cls(prefill_policy=config.scheduler.policy, slo_ttft=config.scheduler.slo_ttft)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})

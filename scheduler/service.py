@@ -18,22 +18,25 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from dualmap_pd.cluster import ClusterView, InstanceState, Role
 from dualmap_pd.cost import CostModel, get_profile
 from dualmap_pd.hashing import block_hashes, hash_block
+from dualmap_pd.migration import Endpoint
 from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES, PolicyContext
 from dualmap_pd.policies.decode import decode_load
 from dualmap_pd.request import Decision, NoInstanceError, RoutedRequest
 from dualmap_pd.router import DispatchLimits, PrefillRouter
 from scheduler.http import errors
-from scheduler.config import ClusterConfig
+from scheduler.config import ClusterConfig, SchedulerOptions
 from scheduler.intake.health import BreakerPolicy, HealthMonitor
-from scheduler.dispatch.migration_runner import MigrationRunnerOptions, migration_runner_for
+from scheduler.dispatch.migration_runner import (
+    MigrationMetrics, MigrationRunner, MigrationRunnerOptions, build_migrator,
+)
 from scheduler.membership.registry import Membership
 from scheduler.dispatch.pd_client import PDClient
+from scheduler.ports import BackgroundService
 from scheduler.prom import KVTransferTotals, SchedulerMetrics
 from scheduler.dispatch.tokenization import PromptTokenizer
 
@@ -43,41 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # A scrape can fail once under load; three in a row (3 s at the poller's 1 s cadence) is down.
 UNHEALTHY_AFTER_FAILED_SCRAPES = 3
-
-
-@dataclass(frozen=True)
-class SchedulerOptions:
-    """Knobs of the service that are not part of the cluster config."""
-
-    prefill_policy: str = "dualmap"
-    decode_policy: str = "power_of_two"
-    cost_profile: str = "qwen7b-910b4"  # recalibrated online from observed prefill times
-    slo_ttft: float = 5.0
-    max_engine_pending: int = 2  # late dispatch: prefills an engine may hold at once
-    seed: int = 0
-    max_body_bytes: int = 8 * 2**20
-    connect_timeout_s: float = 5.0
-    prefill_timeout_s: float = 600.0
-    decode_idle_timeout_s: float = 600.0  # longest silence between two decode chunks
-    max_connections: int = 4096
-    health_interval_s: float = 2.0  # active /health probe period (scheduler.intake.health)
-    health_failure_threshold: int = 3  # timeouts/5xx/failed probes in a row that open a circuit
-    health_open_s: float | None = None  # open circuit's wait before a half-open probe (None: interval)
-    migration_backend: str = "off"  # prefix-migration backend (nixl, lmcache) or off (scheduler.dispatch.migration_runner)
-    migration_timeout_s: float = 30.0  # a prefix migration taking longer counts as failed
-
-    @classmethod
-    def from_config(cls, config: ClusterConfig, **overrides: object) -> SchedulerOptions:
-        base = cls(prefill_policy=config.scheduler.policy, slo_ttft=config.scheduler.slo_ttft)
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-class BackgroundService(Protocol):
-    """A KV-event subscriber, metrics poller, ...: started and stopped with the Scheduler."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
 
 
 IntakeFactory = Callable[["Scheduler"], Sequence[BackgroundService]]
@@ -128,8 +96,8 @@ class Scheduler:
         self.metrics.registry.register(self.health.collector())
         self.membership = Membership(self)  # runtime add/drain/remove (admin API, config watch)
         # Executes the policy's prefix-migration plans (None: off, and the policy plans none).
-        self.migrations = migration_runner_for(
-            self, MigrationRunnerOptions(opts.migration_backend, opts.migration_timeout_s)
+        self.migrations = self._build_migration_runner(
+            MigrationRunnerOptions(opts.migration_backend, opts.migration_timeout_s)
         )
         # Request ids unique across restarts and replicas without a per-request uuid4.
         self._id_prefix = f"dm-{os.getpid():x}-{int(time.time() * 1000) & 0xFFFFFF:x}-"
@@ -201,7 +169,7 @@ class Scheduler:
             raise errors.no_instance("prefill") from None
         self.metrics.decision("prefill", decision.branch)
         self.membership.observe(req)
-        self._dispatch(now)
+        self.dispatch_ready(now)
         try:
             return await fut
         except BaseException:
@@ -209,8 +177,11 @@ class Scheduler:
             self.abort_prefill(req)
             raise
 
-    def _dispatch(self, now: float) -> None:
-        """Hand every dispatchable queued request to its waiting handler."""
+    def dispatch_ready(self, now: float | None = None) -> None:
+        """Hand every dispatchable queued request to its waiting handler (called after every
+        routing event: admit, finish, a copy landing, an instance coming back)."""
+        if now is None:
+            now = self.clock()
         if self.migrations is not None:
             self.migrations.submit(self.router.take_migrations())
         while True:
@@ -243,13 +214,13 @@ class Scheduler:
         self.metrics.prefill_done(instance, seconds, req.prompt_tokens, predicted_hit, engine_hit)
         if self.migrations is not None:
             self.migrations.note_prefill(req, instance, cached)
-        self._dispatch(now)
+        self.dispatch_ready(now)
 
     def abort_prefill(self, req: RoutedRequest) -> None:
         """The prefill failed or its client left: release its queue or engine slot."""
         now = self.clock()
         if self.router.finish_prefill(req.request_id, now) is not None:
-            self._dispatch(now)
+            self.dispatch_ready(now)
 
     def acquire_decode(self, req: RoutedRequest, avoid: Collection[str] = ()) -> tuple[str, int]:
         """Pick the decode instance and count the request's load on it until release.
@@ -305,7 +276,7 @@ class Scheduler:
     def _rejoin(self, instance: str) -> None:
         if instance in self.view:
             self.view.set_health(instance, True)
-            self._dispatch(self.clock())
+            self.dispatch_ready()
 
     def _health_targets(self) -> dict[str, str]:
         return {name: self.urls[name] for name in self.view.names() if name in self.urls}
@@ -358,10 +329,50 @@ class Scheduler:
             except NoInstanceError:
                 self._waiters.pop(req.request_id, None)
                 fut.set_exception(errors.no_instance("prefill"))
-        self._dispatch(now)
+        self.dispatch_ready(now)
+
+    def take_queued(self, instance: str) -> list[RoutedRequest]:
+        """Take back the requests waiting in a (draining or leaving) instance's queue."""
+        return self.router.take_queued(instance)
+
+    def evict_instance(self, instance: str) -> None:
+        """Forget what the router holds for an instance that left."""
+        self.router.evict_instance(instance, self.clock())
+
+    def rings_changed(self) -> None:
+        """Membership changed: let the policy see the new pools now."""
+        self.router.sync_membership()
 
     def instance_url(self, name: str) -> str:
         return self.urls[name]
+
+    # -- wiring -----------------------------------------------------------------------------
+    def _build_migration_runner(self, options: MigrationRunnerOptions) -> MigrationRunner | None:
+        """The runner of the policy's prefix-migration plans, or None with planning turned off
+        (no backend, or a policy that does not migrate). Raises MigrationError for a backend
+        unusable here."""
+        policy = self.prefill_policy
+        planner = policy.migration
+        if not options.enabled or planner is None:
+            policy.disable_migration()  # nobody would execute its plans: plan none, hold none
+            return None
+        cfg = self.config
+        migrator = build_migrator(options.backend.strip(), cfg.served_model_name, cfg.block_size, options.timeout_s)
+        metrics = MigrationMetrics(planner, self.view)
+        self.metrics.registry.register(metrics)
+
+        def endpoint(name: str) -> Endpoint | None:
+            url = self.urls.get(name)
+            return Endpoint(name, url) if url is not None else None
+
+        def healthy(name: str) -> bool:
+            st = self.view.get(name)
+            return st is not None and st.healthy
+
+        return MigrationRunner(
+            planner, migrator, endpoint, self.dispatch_ready, metrics,
+            options=options, clock=self.clock, healthy=healthy,
+        )  # fmt: skip
 
 
 def default_intake(kv_events: bool = True, engine_metrics: bool = True) -> IntakeFactory:

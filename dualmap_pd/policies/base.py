@@ -81,6 +81,11 @@ class PrefillPolicy(ABC):
         return []
 
     # Prefix migration (only policies with a planner override these) -------------------------
+    def disable_migration(self) -> None:
+        """Nothing will execute migration plans (a live scheduler without a backend): plan
+        none and hold no request for a copy from now on."""
+        self.migration = None
+
     def migration_for(self, req: RoutedRequest, instance: str, view: ClusterView, now: float) -> MigrationPlan | None:
         """A prefix copy to ``instance`` that placing ``req`` there calls for. Pure."""
         return None

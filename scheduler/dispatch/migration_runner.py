@@ -1,7 +1,7 @@
 """Executes the prefix-migration plans of the prefill policy with a real ``PrefixMigrator``.
 
 The policy (dualmap_pd/policies/migration.py) decides; the router emits plans; this runner takes
-them after every routing event (``Scheduler._dispatch``), runs each as its own task through the
+them after every routing event (``Scheduler.dispatch_ready``), runs each as its own task through the
 backend named in the options (an entry point of ``dualmap_pd.migrators``: ``nixl``, ``lmcache``;
 this package never imports connectors/), and reports back to the planner: ``on_started``, then
 ``on_finished`` or ``on_failed``. After either, the scheduler dispatches again, so requests held
@@ -34,7 +34,6 @@ from scheduler.prom import Counter, Histogram
 
 if TYPE_CHECKING:
     from dualmap_pd.cluster import ClusterView
-    from scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -273,30 +272,3 @@ def build_migrator(backend: str, model: str, block_size: int, timeout_s: float, 
         raise
     except (TypeError, ValueError) as exc:
         raise MigrationError(f"migration backend {backend!r} cannot start: {exc}") from exc
-
-
-def migration_runner_for(scheduler: Scheduler, options: MigrationRunnerOptions) -> MigrationRunner | None:
-    """The runner of a scheduler, or None with its policy's planning turned off (no backend, or
-    a policy that does not migrate). Raises MigrationError for a backend unusable here."""
-    policy = scheduler.prefill_policy
-    planner = policy.migration
-    if not options.enabled or planner is None:
-        policy.migration = None  # nobody would execute its plans: plan none, hold no request
-        return None
-    cfg = scheduler.config
-    migrator = build_migrator(options.backend.strip(), cfg.served_model_name, cfg.block_size, options.timeout_s)
-    metrics = MigrationMetrics(planner, scheduler.view)
-    scheduler.metrics.registry.register(metrics)
-
-    def endpoint(name: str) -> Endpoint | None:
-        url = scheduler.urls.get(name)
-        return Endpoint(name, url) if url is not None else None
-
-    def healthy(name: str) -> bool:
-        st = scheduler.view.get(name)
-        return st is not None and st.healthy
-
-    return MigrationRunner(
-        planner, migrator, endpoint, lambda: scheduler._dispatch(scheduler.clock()), metrics,
-        options=options, clock=scheduler.clock, healthy=healthy,
-    )  # fmt: skip

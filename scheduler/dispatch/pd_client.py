@@ -38,7 +38,8 @@ from scheduler.http.validation import GenerationRequest
 
 if TYPE_CHECKING:
     from dualmap_pd.request import RoutedRequest
-    from scheduler.service import Scheduler, SchedulerOptions
+    from scheduler.ports import RequestLifecycle
+    from scheduler.config import SchedulerOptions
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.encode
@@ -222,7 +223,7 @@ class PDHandoff:
     streaming began, the client gets an SSE error event (OpenAI error object), then ``[DONE]``.
     """
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: RequestLifecycle) -> None:
         self.scheduler = scheduler
 
     async def serve(self, http: web.Request, gen: GenerationRequest, arrival: float) -> web.StreamResponse:

@@ -113,15 +113,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, Endpoint.CHAT)
 
 
-async def models(request: web.Request) -> web.Response:
-    sched = request.app[SCHEDULER_KEY]
-    try:
-        request.app[API_KEYS_KEY].check(request)
-    except ApiError as err:
-        sched.metrics.error(err.kind)
-        return err.to_response()
+def _model_card(sched: Scheduler) -> dict[str, object]:
     cfg = sched.config
-    card = {
+    return {
         "id": cfg.served_model_name,
         "object": "model",
         "created": int(sched.started_wall),
@@ -129,8 +123,37 @@ async def models(request: web.Request) -> web.Response:
         "root": str(cfg.model),
         "max_model_len": cfg.max_model_len,
     }
-    return web.Response(body=_encode({"object": "list", "data": [card]}),
-                        content_type="application/json")  # fmt: skip
+
+
+def _json(body: object) -> web.Response:
+    return web.Response(body=_encode(body), content_type="application/json")
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models: the one served model, as OpenAI lists models."""
+    sched = request.app[SCHEDULER_KEY]
+    try:
+        request.app[API_KEYS_KEY].check(request)
+    except ApiError as err:
+        sched.metrics.error(err.kind)
+        return err.to_response()
+    return _json({"object": "list", "data": [_model_card(sched)]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model} (the openai SDK's ``models.retrieve``): its card, or OpenAI's 404
+    ``model_not_found`` for any other name."""
+    sched = request.app[SCHEDULER_KEY]
+    name = request.match_info["model"]
+    try:
+        request.app[API_KEYS_KEY].check(request)
+        if name != sched.config.served_model_name:
+            raise ApiError(404, f"The model `{name}` does not exist.", type=errors.INVALID_REQUEST,
+                           param="model", code="model_not_found", kind="model_not_found")  # fmt: skip
+    except ApiError as err:
+        sched.metrics.error(err.kind)
+        return err.to_response()
+    return _json(_model_card(sched))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -179,6 +202,7 @@ def create_app(scheduler: Scheduler, api_keys: ApiKeyGuard | None = None) -> web
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     install_admin(app, scheduler)  # /admin/*, behind the admin token (scheduler/http/admin.py)

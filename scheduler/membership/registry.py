@@ -34,7 +34,7 @@ from scheduler.membership.metrics import MembershipMetrics
 
 if TYPE_CHECKING:
     from scheduler.membership.config_watch import ConfigWatcher
-    from scheduler.service import Scheduler
+    from scheduler.ports import PoolHost
 
 log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 0.5  # how often instances waiting for removal are checked for idleness
@@ -53,7 +53,7 @@ class IntakeFollower:
     """Keeps the running intake (KV-event subscribers, the /metrics poller) in step with the
     membership: a new instance gets what the configured ones got, a removed one loses it."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: PoolHost) -> None:
         self._scheduler = scheduler
 
     async def attach(self, inst: InstanceConfig) -> None:
@@ -84,7 +84,7 @@ class IntakeFollower:
 
 
 class Membership:
-    def __init__(self, scheduler: Scheduler, intake: IntakeFollower | None = None) -> None:
+    def __init__(self, scheduler: PoolHost, intake: IntakeFollower | None = None) -> None:
         self._sched = scheduler
         self._intake = intake or IntakeFollower(scheduler)
         policy = scheduler.prefill_policy
@@ -197,7 +197,7 @@ class Membership:
             self._sched.view.set_draining(name, True)
             self._changed(st.role.value, "drain")
             if st.role is Role.PREFILL:
-                waiting = self._sched.router.take_queued(name)
+                waiting = self._sched.take_queued(name)
                 readmitted = len(waiting)
                 self._sched.readmit_queued(waiting)
             log.warning("membership: %s draining (%d in flight, %d re-admitted elsewhere)",
@@ -244,8 +244,8 @@ class Membership:
             if st.role is Role.PREFILL:
                 # Anything that slipped into its queue meanwhile is re-admitted; requests in its
                 # engine keep their handlers, which see the engine's answer or failure.
-                sched.readmit_queued(sched.router.take_queued(name))
-                sched.router.evict_instance(name, sched.clock())
+                sched.readmit_queued(sched.take_queued(name))
+                sched.evict_instance(name)
             sched.view.remove_instance(name)
             sched.urls.pop(name, None)
             sched.metrics.kv_transfer.pop(name, None)
@@ -268,7 +268,7 @@ class Membership:
 
     def _changed(self, role: str, kind: str) -> None:
         """Count a change, let the policy see it now, and measure candidate churn."""
-        self._sched.router.sync_membership()
+        self._sched.rings_changed()
         report = self._sync_churn() if role == Role.PREFILL.value else None
         self.metrics.ring_change(role, kind, report)
         if report is not None:
