@@ -476,6 +476,7 @@ class SchedulerOptions:
     health_open_s: float | None = None  # open circuit's wait before a half-open probe (None: interval)
     migration_backend: str = "off"  # prefix-migration backend (nixl, lmcache) or off (scheduler.dispatch.migration_runner)
     migration_timeout_s: float = 30.0  # a prefix migration taking longer counts as failed
+    workers: int = 1  # scheduler processes sharing the port (serve --workers; scheduler/workers.py)
 
     @classmethod
     def from_config(cls, config: ClusterConfig, **overrides: object) -> SchedulerOptions:

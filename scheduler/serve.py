@@ -8,7 +8,13 @@ transformers and uvloop load when the command runs. Also runnable standalone:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scheduler.config import ClusterConfig, SchedulerOptions
+    from scheduler.http.auth import ApiKeyGuard
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,26 +55,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not subscribe to the prefill engines' KV events")  # fmt: skip
     parser.add_argument("--no-engine-metrics", action="store_true",
                         help="do not poll the engines' /metrics")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1,
+                        help="scheduler processes sharing the port (SO_REUSEPORT), each a replica "
+                             "with its own intake and queues (docs/replicas.md)")  # fmt: skip
     parser.add_argument("--log-level", default="WARNING",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))  # fmt: skip
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
-    import signal
-
-    from dualmap_pd.migration import MigrationError
-    from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES
-    import os
     from pathlib import Path
 
+    from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES
+
     from scheduler.http.admin import AdminGuard
-    from scheduler.http.app import serve_forever
+    from scheduler.config import ConfigError, SchedulerOptions, load_config
     from scheduler.http.auth import ApiKeyError, ApiKeyGuard
-    from scheduler.config import ConfigError, load_config
-    from scheduler.service import Scheduler, SchedulerOptions, default_intake
-    from scheduler.dispatch.tokenization import HFPromptTokenizer
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -90,6 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
             health_interval_s=args.health_interval,
             migration_backend=args.migration,
             migration_timeout_s=args.migration_timeout,
+            workers=args.workers,
         )
         timeouts = (args.connect_timeout, args.prefill_timeout, args.decode_idle_timeout, args.health_interval)
         if min(timeouts) <= 0:
@@ -104,9 +107,30 @@ def run_serve(args: argparse.Namespace) -> int:
         DECODE_POLICIES.get(options.decode_policy)
         if options.max_engine_pending < 1 or options.max_body_bytes < 1 or options.slo_ttft <= 0:
             raise ValueError("--max-engine-pending, --max-body-bytes and --slo-ttft must be positive")
+        if options.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {options.workers}")
     except (ConfigError, ValueError, ApiKeyError) as exc:
         print(f"dualmap-pd serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+    if options.workers == 1:
+        return _serve_process(cfg, options, api_keys, args, worker=None)
+    from scheduler.workers import run_workers
+
+    print(f"dualmap-pd serve: {options.workers} workers on port {cfg.scheduler.port}", flush=True)
+    return run_workers(options.workers, lambda index: _serve_process(cfg, options, api_keys, args, worker=index))
+
+
+def _serve_process(cfg: ClusterConfig, options: SchedulerOptions, api_keys: ApiKeyGuard,
+                   args: argparse.Namespace, worker: int | None) -> int:  # fmt: skip
+    """One scheduler: the whole service, or one of ``--workers`` replicas sharing the port."""
+    import asyncio
+    import signal
+
+    from dualmap_pd.migration import MigrationError
+    from scheduler.dispatch.tokenization import HFPromptTokenizer
+    from scheduler.http.app import serve_forever
+    from scheduler.service import Scheduler, default_intake
 
     tokenizer = HFPromptTokenizer(cfg.model)
     intake = default_intake(kv_events=not args.no_kv_events, engine_metrics=not args.no_engine_metrics)
@@ -116,13 +140,14 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"dualmap-pd serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    if not api_keys.enabled and cfg.scheduler.host not in ("127.0.0.1", "localhost", "::1"):
+    if worker in (None, 0) and not api_keys.enabled and cfg.scheduler.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dualmap-pd serve: warning: listening on {cfg.scheduler.host} with no API keys: "
               "anyone who can reach it can use the engines", file=sys.stderr)  # fmt: skip
+    who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
 
     def ready(port: int) -> None:
         print(f"dualmap-pd serve: {options.prefill_policy} over {len(cfg.prefill)} prefill + "
-              f"{len(cfg.decode)} decode instances on http://{cfg.scheduler.host}:{port}",
+              f"{len(cfg.decode)} decode instances on http://{cfg.scheduler.host}:{port}{who}",
               flush=True)  # fmt: skip
 
     async def main() -> None:
@@ -131,7 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            await serve_forever(scheduler, cfg.scheduler.host, cfg.scheduler.port, ready, api_keys)
+            await serve_forever(scheduler, cfg.scheduler.host, cfg.scheduler.port, ready, api_keys, worker)
         except asyncio.CancelledError:
             pass
 

@@ -1,6 +1,7 @@
 """Scheduler overhead benchmark (a benchmark, not a test).
 
-(a) ``throughput`` (default): requests/s and latency of ``dualmap-pd serve`` against instant stub
+(a) ``throughput`` (default): requests/s and latency of ``dualmap-pd serve`` (1 and 2 worker
+    processes by default, ``--workers``) against instant stub
     prefill/decode servers (tests/fakes/openai_server.py). Three processes: the stubs, the
     scheduler (pinned to its own core), and a closed-loop load generator (raw HTTP/1.1 keep-alive,
     so the client costs far less than the server it measures).
@@ -9,7 +10,7 @@
     at a time so drift hits both paths alike. The cluster must already be running
     (``dualmap-pd launch``); the scheduler is started here unless ``--scheduler-url`` is given.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_overhead.py throughput --duration 10
+    PYTHONPATH=. .venv/bin/python scripts/bench_overhead.py throughput --duration 10 --workers 1,2
     PYTHONPATH=. .venv/bin/python scripts/bench_overhead.py added-latency --config scripts/cluster.local.yaml
 """
 
@@ -121,9 +122,11 @@ async def _load(host: str, port: int, bodies: list[bytes], concurrency: int, war
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
+    """User + system CPU time of a process and its live children (serve --workers), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(_cpu_seconds(int(child)) for child in children)
 
 
 def _pin(cpu: str | None) -> list[str]:
@@ -150,10 +153,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_scheduler(config_path: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    cmd = [*_pin(args.sched_cpu), sys.executable, "-m", "scheduler.serve", "--config", str(config_path),
+def _start_scheduler(config_path: Path, port: int, args: argparse.Namespace,
+                     workers: int = 1) -> subprocess.Popen[bytes]:  # fmt: skip
+    cpus = args.sched_cpu if args.sched_cpu is not None else f"0-{workers - 1}"
+    cmd = [*_pin(cpus), sys.executable, "-m", "scheduler.serve", "--config", str(config_path),
            "--port", str(port), "--policy", args.policy,
-           "--max-engine-pending", str(args.max_engine_pending)]  # fmt: skip
+           "--max-engine-pending", str(args.max_engine_pending), "--workers", str(workers)]  # fmt: skip
     if args.no_intake:
         cmd += ["--no-kv-events", "--no-engine-metrics"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -162,7 +167,7 @@ def _start_scheduler(config_path: Path, port: int, args: argparse.Namespace) -> 
     return proc
 
 
-def throughput(args: argparse.Namespace) -> dict[str, object]:
+def throughput(args: argparse.Namespace, workers: int = 1) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     me = [sys.executable, str(Path(__file__).resolve())]
     stubs = subprocess.Popen([*_pin(args.aux_cpu), *me, "_stubs", str(args.prefill), str(args.decode)],
@@ -184,7 +189,7 @@ def throughput(args: argparse.Namespace) -> dict[str, object]:
             path = Path(tmp) / "bench.yaml"
             path.write_text(yaml.safe_dump(cfg))
             port = _free_port()
-            sched = _start_scheduler(path, port, args)
+            sched = _start_scheduler(path, port, args, workers)
             cpu_before = _cpu_seconds(sched.pid)
             load = subprocess.run(
                 [*_pin(args.aux_cpu), *me, "_load", str(port), str(args.concurrency), str(args.warmup),
@@ -198,7 +203,9 @@ def throughput(args: argparse.Namespace) -> dict[str, object]:
             result["one_core_capacity_req_per_s"] = result["requests_incl_warmup"] / cpu if cpu else None
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
                 metrics = r.read().decode()
+        # With several workers this is the one worker that answered the scrape.
         result["decisions"] = [ln for ln in metrics.splitlines() if ln.startswith("dualmap_decisions_total")]
+        result["workers"] = workers
         return result
     finally:
         if sched is not None:
@@ -348,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=50, help="added-latency: requests per path")
     p.add_argument("--model-dir", default=str(REPO / "models" / "tiny-llama"),
                    help="tokenizer for the stub run")  # fmt: skip
-    p.add_argument("--sched-cpu", default="0", help="CPU list for the scheduler ('' = unpinned)")
+    p.add_argument("--workers", default="1,2",
+                   help="throughput: comma-separated scheduler worker counts to measure (serve --workers)")
+    p.add_argument("--sched-cpu", default=None,
+                   help="CPU list for the scheduler ('' = unpinned; default: one core per worker from 0)")
     p.add_argument("--aux-cpu", default="1", help="CPU list for stubs and load generator")
     p.add_argument("--keep-intake", dest="no_intake", action="store_false",
                    help="throughput: keep KV-event/metrics intake (stubs publish none)")  # fmt: skip
@@ -359,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         args.no_intake = False if args.scheduler_url is None else args.no_intake
         result = added_latency(args)
     else:
-        result = throughput(args)
+        counts = [int(n) for n in args.workers.split(",") if n.strip()]
+        result = {f"workers_{n}": throughput(args, n) for n in counts}
     print(json.dumps(result, indent=2))
     return 0
 

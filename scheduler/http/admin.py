@@ -93,6 +93,14 @@ class AdminApi:
         async def guarded(request: web.Request) -> web.Response:
             try:
                 self.guard.check(request)
+                if request.method != "GET" and self.scheduler.options.workers > 1:
+                    # The call would reach one worker of N: the others would keep the old
+                    # membership. Every worker applies a watched config file.
+                    raise ApiError(409, f"this scheduler runs {self.scheduler.options.workers} "
+                                   "worker processes on one port; a membership change here would "
+                                   "reach only one of them. Change membership through the watched "
+                                   "config file (admin.watch_config: true), which every worker applies",
+                                   code="membership_conflict", kind="admin_conflict")  # fmt: skip
                 return await handler(request)
             except ApiError as err:
                 self.scheduler.metrics.error(err.kind)

@@ -193,9 +193,20 @@ async def _stop(app: web.Application) -> None:
     await app[SCHEDULER_KEY].stop()
 
 
-def create_app(scheduler: Scheduler, api_keys: ApiKeyGuard | None = None) -> web.Application:
-    """``api_keys``: client keys for the /v1 API (scheduler/http/auth.py); None leaves it open."""
+WORKER_HEADER = "X-DualMap-Worker"
+
+
+def create_app(scheduler: Scheduler, api_keys: ApiKeyGuard | None = None,
+               worker: int | None = None) -> web.Application:  # fmt: skip
+    """``api_keys``: client keys for the /v1 API (scheduler/http/auth.py); None leaves it open.
+    ``worker``: this process's index under ``serve --workers``, sent back in every answer's
+    X-DualMap-Worker header (which replica served it)."""
     app = web.Application(client_max_size=scheduler.options.max_body_bytes)
+    if worker is not None:
+        async def tag_worker(_request: web.Request, response: web.StreamResponse) -> None:
+            response.headers[WORKER_HEADER] = str(worker)
+
+        app.on_response_prepare.append(tag_worker)
     app[SCHEDULER_KEY] = scheduler
     app[API_KEYS_KEY] = api_keys or ApiKeyGuard()
     app[HANDOFF_KEY] = PDHandoff(scheduler)
@@ -212,11 +223,12 @@ def create_app(scheduler: Scheduler, api_keys: ApiKeyGuard | None = None) -> web
     return app
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on host:port (port 0: any free port; see ``bound_port``)."""
+async def start_site(app: web.Application, host: str, port: int, reuse_port: bool = False) -> web.AppRunner:
+    """Serve ``app`` on host:port (port 0: any free port; see ``bound_port``). ``reuse_port``:
+    SO_REUSEPORT, so several worker processes share the port (scheduler/workers.py)."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
+    site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
     return runner
 
@@ -227,9 +239,10 @@ def bound_port(runner: web.AppRunner) -> int:
 
 async def serve_forever(scheduler: Scheduler, host: str, port: int,
                         ready: Callable[[int], None] | None = None,
-                        api_keys: ApiKeyGuard | None = None) -> None:  # fmt: skip
+                        api_keys: ApiKeyGuard | None = None, worker: int | None = None) -> None:  # fmt: skip
     """Run the app until cancelled (Ctrl-C), then shut down cleanly."""
-    runner = await start_site(create_app(scheduler, api_keys), host, port)
+    runner = await start_site(create_app(scheduler, api_keys, worker), host, port,
+                              reuse_port=worker is not None)
     try:
         if ready is not None:
             ready(bound_port(runner))
