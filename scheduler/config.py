@@ -228,7 +228,9 @@ def _validate(cfg: ClusterConfig) -> None:
             f"max_model_len ({cfg.max_model_len}) is smaller than block_size ({cfg.block_size})"
         )
     names: set[str] = set()
-    # (host, port, owner); host "*" for sockets that bind every interface (KV events).
+    # (machine, port, owner). KV-event sockets bind tcp://*:port, i.e. every interface of their
+    # own machine, which the machine key covers; the same port on another host is no clash
+    # (a StatefulSet's replicas all use the same ports).
     used: list[tuple[str, int, str]] = [
         (_host_key(cfg.scheduler.host), cfg.scheduler.port, "scheduler.port")
     ]
@@ -236,13 +238,13 @@ def _validate(cfg: ClusterConfig) -> None:
         if inst.name in names:
             raise ConfigError(f"duplicate instance name {inst.name!r}")
         names.add(inst.name)
+        host = _host_key(inst.host)
         for attr in ("port", "nixl_side_channel_port", "kv_events_port", "kv_events_replay_port"):
             port = getattr(inst, attr)
             if port is None:
                 continue
-            host = "*" if attr.startswith("kv_events") else _host_key(inst.host)
             for other_host, other_port, owner in used:
-                if port == other_port and (host == other_host or "*" in (host, other_host)):
+                if port == other_port and host == other_host:
                     raise ConfigError(f"{inst.name}.{attr}: port {port} is already used by {owner}")
             used.append((host, port, f"{inst.name}.{attr}"))
     num_blocks = cfg.engine.num_gpu_blocks_override
@@ -255,7 +257,15 @@ def _validate(cfg: ClusterConfig) -> None:
 
 
 def _host_key(host: str) -> str:
-    return "127.0.0.1" if host in ("localhost", "0.0.0.0") else host
+    """Which machine an address names, for port clashes: every loopback or unspecified
+    address is this machine (a server on 127.0.0.2 and a wildcard bind meet on one host)."""
+    if host.lower() == "localhost":
+        return "local"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
+    return "local" if ip.is_loopback or ip.is_unspecified else host
 
 
 def _instances(raw: Any, role: Role) -> tuple[InstanceConfig, ...]:
