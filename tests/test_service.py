@@ -290,3 +290,19 @@ def test_models_health_and_metrics_endpoints() -> None:
             assert (await h.client.get(h.url + "/health")).status == 503
 
     run(body)
+
+
+def test_tpot_of_a_streamed_answer_is_the_time_per_token_after_the_first() -> None:
+    async def body() -> None:
+        # 4 tokens 50 ms apart: the 3 after the first take 150 ms, TPOT 50 ms.
+        async with cluster(decode_config=FakeServerConfig(inter_token_delay_s=0.05)) as h:
+            status, _, _ = await h.post("/v1/completions", completion(stream=True, max_tokens=4))
+            assert status == 200
+            series = h.scheduler.metrics.tpot_series
+            assert await eventually(lambda: series.count == 1)
+            assert 0.04 <= series.total <= 0.1
+            await h.post("/v1/completions", completion(max_tokens=4))  # not streamed: no TPOT
+            assert series.count == 1
+            assert "dualmap_tpot_seconds_bucket" in await (await h.client.get(h.url + "/metrics")).text()
+
+    run(body)

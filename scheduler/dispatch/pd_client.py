@@ -373,12 +373,15 @@ class PDHandoff:
             headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await out.prepare(http)
-        sched.metrics.ttft_by_stream[True].observe(sched.clock() - arrival)
+        first_at = sched.clock()
+        sched.metrics.ttft_by_stream[True].observe(first_at - arrival)
         instance = headers[DECODE_HEADER]
+        events = 0  # SSE events after the first chunk (each ends with a blank line): for TPOT
         try:
             try:
                 await out.write(first)
                 async for chunk in upstream.iter_chunks():
+                    events += chunk.count(b"\n\n")
                     await out.write(chunk)
             except (UpstreamClosed, UpstreamProtocolError, asyncio.TimeoutError) as exc:
                 # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
@@ -393,5 +396,7 @@ class PDHandoff:
             # response, which aborts the engine's request; aiohttp ends the connection.
             sched.metrics.error("client_disconnected")
             return out
-        sched.metrics.e2e_by_stream[True].observe(sched.clock() - arrival)
+        end = sched.clock()
+        sched.metrics.e2e_by_stream[True].observe(end - arrival)
+        sched.metrics.stream_done(first_at, end, events)
         return out
