@@ -15,8 +15,9 @@ def register_launch(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "launch",
         help="start the prefill/decode vLLM servers of a cluster config",
-        description="Start every prefill and decode vLLM server of the config, wait until all "
-        "answer /health, then keep them running until Ctrl-C or SIGTERM (which stop them all).",
+        description="Start every prefill and decode vLLM server of the config (or, with --node, "
+        "only those on this node), wait until all answer /health, then keep them running until "
+        "Ctrl-C or SIGTERM (which stop them all).",
     )
     p.add_argument("--config", required=True, help="cluster YAML (see scripts/cluster.local.yaml)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health")
