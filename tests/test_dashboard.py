@@ -71,36 +71,36 @@ def expressions() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in panels(dash) for t in p.get("targets", [])]
 
 
-def selectors(node: Any) -> Iterator[tuple[str, set[str]]]:
-    """(metric name, label names matched) of every selector in a parsed expression."""
-    if isinstance(node, promql.VectorSelector):
-        yield node.name, {m.name for m in node.matchers.matchers}
-    elif isinstance(node, promql.MatrixSelector):
-        yield from selectors(node.vector_selector)
+def children(node: Any) -> Iterator[Any]:
+    """The sub-expressions of a parsed PromQL node."""
+    if isinstance(node, promql.MatrixSelector):
+        yield node.vector_selector
     elif isinstance(node, promql.BinaryExpr):
-        yield from selectors(node.lhs)
-        yield from selectors(node.rhs)
+        yield from (node.lhs, node.rhs)
     elif isinstance(node, promql.Call):
-        for arg in node.args:
-            yield from selectors(arg)
+        yield from node.args
     elif isinstance(node, (promql.AggregateExpr, promql.ParenExpr, promql.UnaryExpr, promql.SubqueryExpr)):
-        yield from selectors(node.expr)
+        yield node.expr
 
 
-def grouping_labels(node: Any) -> Iterator[str]:
+def nodes(node: Any) -> Iterator[Any]:
+    yield node
+    for child in children(node):
+        yield from nodes(child)
+
+
+def selectors(tree: Any) -> Iterator[tuple[str, set[str]]]:
+    """(metric name, label names matched) of every selector in a parsed expression."""
+    for node in nodes(tree):
+        if isinstance(node, promql.VectorSelector):
+            yield node.name, {m.name for m in node.matchers.matchers}
+
+
+def grouping_labels(tree: Any) -> Iterator[str]:
     """Labels named in ``by (...)`` clauses."""
-    if isinstance(node, promql.AggregateExpr):
-        if node.modifier is not None:
+    for node in nodes(tree):
+        if isinstance(node, promql.AggregateExpr) and node.modifier is not None:
             yield from node.modifier.labels
-        yield from grouping_labels(node.expr)
-    elif isinstance(node, promql.BinaryExpr):
-        yield from grouping_labels(node.lhs)
-        yield from grouping_labels(node.rhs)
-    elif isinstance(node, promql.Call):
-        for arg in node.args:
-            yield from grouping_labels(arg)
-    elif isinstance(node, (promql.ParenExpr, promql.UnaryExpr, promql.SubqueryExpr)):
-        yield from grouping_labels(node.expr)
 
 
 def parse(expr: str) -> Any:
