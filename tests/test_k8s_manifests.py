@@ -129,6 +129,9 @@ def test_engine_statefulsets_match_the_carried_cluster_yaml(overlay: str) -> Non
             assert cmd[cmd.index("--host") + 1] == inst_env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == inst.host
             assert bound_ports(cfg, inst.name) == declared == published, inst.name
             assert inst.port == http
+        # It binds its DNS name, so it starts once that resolves (an init container waits).
+        (wait,) = [c for c in sts["spec"]["template"]["spec"]["initContainers"] if c["name"] == "wait-for-dns"]
+        assert f'getent hosts "$POD_NAME.{svc["metadata"]["name"]}"' in wait["command"][2]
         for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
             assert engine[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
         # The model the YAML names lives on the pod's `models` volume.
@@ -171,7 +174,7 @@ def test_every_pod_uses_the_overlays_image_and_finds_its_model(overlay: str) -> 
         spec = w["spec"]["template"]["spec"]
         models = next(v for v in spec["volumes"] if v["name"] == "models")
         if overlay.endswith("cpu"):  # built in the pod, at the path the YAML names
-            (init,) = spec["initContainers"]
+            (init,) = [c for c in spec["initContainers"] if c["name"] == "build-tiny-model"]
             assert init["command"] == ["dualmap-pd", "build-tiny-model", "--out", str(cfg.model)]
             assert "emptyDir" in models
         else:
