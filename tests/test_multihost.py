@@ -167,7 +167,7 @@ def test_replay_across_hosts_completes_with_predicted_hits_equal_to_the_engines(
     engine = metric(sched, "dualmap_cache_hit_tokens_engine_total", instance="prefill-0")
     print(f"\nreplay across hosts: {summary['completed']} completed, {summary['failed']} failed, "
           f"ttft p50 {summary['ttft_p50']:.3f} s; hit tokens predicted {predicted:.0f} = engine {engine:.0f}")
-    assert predicted == engine
+    assert predicted == engine and engine > 0  # the trace's shared prefixes hit
     # (counted when the handler returns, which can be just after the client read the end)
     wait_until(lambda: metric(two_hosts.metrics(two_hosts.url), "dualmap_requests_total", outcome="ok") >= 8,
                "the scheduler did not count 8 successful requests")  # fmt: skip
