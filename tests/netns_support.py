@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-PREFIX = "dmpd-mh-"
+PREFIX = "dmpd-mh-"  # the default; each user of this module keeps to its own prefix
 SUBNET = "10.213.0"
 BRIDGE = "br0"
 ETC_NETNS = Path("/etc/netns")  # per-namespace /etc files that `ip netns exec` mounts
@@ -48,7 +48,7 @@ def unavailable_reason() -> str | None:
         return "creating network namespaces needs root (CI runs as root)"
     if shutil.which("ip") is None:
         return "needs iproute2's `ip` (apt-get install iproute2)"
-    probe = f"{PREFIX}probe"
+    probe = f"dmpd-probe-{os.getpid()}"
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
@@ -76,13 +76,14 @@ def remove_namespace(ns: str, grace: float = 20.0) -> None:
     _ip("netns", "del", ns, check=False)
 
 
-def remove_stale() -> list[str]:
-    """Delete namespaces of an earlier run (killed before its teardown); returns their names."""
+def remove_stale(prefix: str = PREFIX) -> list[str]:
+    """Delete namespaces with ``prefix`` left by an earlier run (killed before its teardown);
+    returns their names."""
     listed = _ip("netns", "list", check=False).stdout.splitlines()
-    stale = [line.split()[0] for line in listed if line.startswith(PREFIX)]
+    stale = [line.split()[0] for line in listed if line.startswith(prefix)]
     for ns in stale:
         remove_namespace(ns, grace=5.0)
-    for folder in ETC_NETNS.glob(f"{PREFIX}*"):
+    for folder in ETC_NETNS.glob(f"{prefix}*"):
         shutil.rmtree(folder, ignore_errors=True)
     return stale
 
@@ -90,11 +91,12 @@ def remove_stale() -> list[str]:
 class NetnsHosts:
     """Namespaces on one bridge; ``ip[name]`` is each one's address. A context manager."""
 
-    def __init__(self, names: list[str], aliases: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, names: list[str], aliases: dict[str, list[str]] | None = None,
+                 prefix: str = PREFIX) -> None:  # fmt: skip
         if not names:
             raise ValueError("at least one host")
         self.names = list(names)
-        self.ns = {n: f"{PREFIX}{n}" for n in names}
+        self.ns = {n: f"{prefix}{n}" for n in names}
         self.ip = {n: f"{SUBNET}.{10 + i}" for i, n in enumerate(names)}
         self.aliases = aliases or {}  # host -> extra names resolving to its IP in every namespace
         self._made: list[str] = []
