@@ -390,13 +390,14 @@ class PDHandoff:
                 sched.health.report_failure(instance, "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream")
                 err = errors.upstream_failure("decode", instance, str(exc) or "stream broke")
                 await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
+            # The whole answer is written: count it now. A client that hangs up as soon as it
+            # reads [DONE] gets this handler cancelled in write_eof (handler_cancellation).
+            end = sched.clock()
+            sched.metrics.e2e_by_stream[True].observe(end - arrival)
+            sched.metrics.stream_done(first_at, end, events)
             await out.write_eof()
         except ConnectionResetError:
             # The client left mid-stream. Not an error of ours: the caller closes the upstream
             # response, which aborts the engine's request; aiohttp ends the connection.
             sched.metrics.error("client_disconnected")
-            return out
-        end = sched.clock()
-        sched.metrics.e2e_by_stream[True].observe(end - arrival)
-        sched.metrics.stream_done(first_at, end, events)
         return out
