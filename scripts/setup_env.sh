@@ -28,4 +28,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   echo "$want" > "$stamp"
 fi
+# The multihost tests put engines in network namespaces (`ip netns`, iproute2; root only). Add
+# iproute2 where it is missing and we may; elsewhere those tests skip and say why.
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "==> installing iproute2 (ip netns) for the multihost tests" >&2
+  (apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null) \
+    || echo "    could not install iproute2: the multihost tests will be skipped" >&2
+fi
 export PATH="$VENV/bin:$PATH"

@@ -151,12 +151,21 @@ def test_same_port_on_different_hosts_is_fine() -> None:
     assert build(raw).decode[0].url == "http://10.0.0.2:8100"
 
 
-def test_kv_event_ports_clash_across_hosts() -> None:
-    # KV-event sockets bind tcp://*:port, so they clash with any port number on any host.
+def test_kv_event_ports_clash_on_their_own_machine_only() -> None:
+    # KV-event sockets bind tcp://*:port: every interface of their own machine, where every
+    # loopback address meets, but not another host's (StatefulSet replicas share port numbers).
     raw = base()
-    raw["prefill"][1].update(host="10.0.0.2", kv_events_port=5557)
-    with pytest.raises(ConfigError, match="already used"):
+    raw["prefill"][1].update(host="127.0.0.2", kv_events_port=5557)
+    with pytest.raises(ConfigError, match="already used by prefill-0.kv_events_port"):
         build(raw)
+    raw["prefill"][1].update(host="localhost", port=5557, kv_events_port=5599)
+    with pytest.raises(ConfigError, match="already used by prefill-0.kv_events_port"):
+        build(raw)
+    raw = base()
+    raw["prefill"][1].update(host="10.0.0.2", port=8100, kv_events_port=5557,
+                             kv_events_replay_port=5567, nixl_side_channel_port=5600)
+    cfg = build(raw)
+    assert (cfg.prefill[0].kv_events_port, cfg.prefill[1].kv_events_port) == (5557, 5557)
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

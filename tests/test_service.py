@@ -290,3 +290,37 @@ def test_models_health_and_metrics_endpoints() -> None:
             assert (await h.client.get(h.url + "/health")).status == 503
 
     run(body)
+
+
+def test_tpot_of_a_streamed_answer_is_the_time_per_token_after_the_first() -> None:
+    async def body() -> None:
+        # 4 tokens 50 ms apart: the 3 after the first take 150 ms, TPOT 50 ms.
+        async with cluster(decode_config=FakeServerConfig(inter_token_delay_s=0.05)) as h:
+            status, _, _ = await h.post("/v1/completions", completion(stream=True, max_tokens=4))
+            assert status == 200
+            series = h.scheduler.metrics.tpot_series
+            assert await eventually(lambda: series.count == 1)
+            assert 0.04 <= series.total <= 0.1
+            await h.post("/v1/completions", completion(max_tokens=4))  # not streamed: no TPOT
+            assert series.count == 1
+            assert "dualmap_tpot_seconds_bucket" in await (await h.client.get(h.url + "/metrics")).text()
+
+    run(body)
+
+
+def test_a_client_hanging_up_on_done_still_has_its_latency_counted() -> None:
+    async def body() -> None:
+        # The decoder ends its stream 0.5 s after [DONE]; the client leaves on [DONE], which
+        # cancels the scheduler's handler while it waits for that end.
+        slow_eof = FakeServerConfig(inter_token_delay_s=0.01, eof_delay_s=0.5)
+        async with cluster(decode_config=slow_eof) as h:
+            resp = await h.client.post(h.url + "/v1/completions", json=completion(stream=True, max_tokens=4))
+            async for line in resp.content:
+                if line.strip() == b"data: [DONE]":
+                    break
+            resp.close()
+            metrics = h.scheduler.metrics
+            assert await eventually(lambda: metrics.requests.value(("completions", "cancelled")) == 1)
+            assert metrics.e2e_by_stream[True].count == 1 and metrics.tpot_series.count == 1
+
+    run(body)

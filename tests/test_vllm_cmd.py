@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from scheduler.config import config_from_dict
+import pytest
+
+from scheduler.config import ConfigError, config_from_dict
 from scheduler.local.vllm_cmd import server_command
 
 
@@ -36,3 +38,13 @@ def test_kv_lease_can_be_shortened() -> None:
     cfg = _config(kv_lease_duration=12)
     kv = _kv_transfer(server_command(cfg, cfg.prefill[0], "python"))
     assert kv["kv_connector_extra_config"] == {"kv_lease_duration": 12}
+
+
+def test_kv_buffer_device_is_cpu_unless_a_gpu_cluster_asks_for_cuda() -> None:
+    cfg = _config()
+    assert _kv_transfer(server_command(cfg, cfg.decode[0], "python"))["kv_buffer_device"] == "cpu"
+    cfg = _config(kv_buffer_device="cuda")
+    for inst in cfg.instances:
+        assert _kv_transfer(server_command(cfg, inst, "python"))["kv_buffer_device"] == "cuda"
+    with pytest.raises(ConfigError, match="engine.kv_buffer_device must be one of cpu, cuda, got 'gpu'"):
+        _config(kv_buffer_device="gpu")

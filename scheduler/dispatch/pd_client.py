@@ -374,13 +374,31 @@ class PDHandoff:
             headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await out.prepare(http)
-        sched.metrics.ttft_by_stream[True].observe(sched.clock() - arrival)
+        first_at = sched.clock()
+        sched.metrics.ttft_by_stream[True].observe(first_at - arrival)
         instance = headers[DECODE_HEADER]
+        events = 0  # SSE events after the first chunk (each ends with a blank line): for TPOT
+        answered = False
+
+        def answer_written() -> None:
+            # Counted as soon as the client has the whole answer: a client that hangs up on
+            # reading [DONE] gets this handler cancelled (handler_cancellation) while it still
+            # waits for the engine's end of stream.
+            nonlocal answered
+            if not answered:
+                answered = True
+                end = sched.clock()
+                sched.metrics.e2e_by_stream[True].observe(end - arrival)
+                sched.metrics.stream_done(first_at, end, events)
+
         try:
             try:
                 await out.write(first)
                 async for chunk in upstream.iter_chunks():
+                    events += chunk.count(b"\n\n")
                     await out.write(chunk)
+                    if chunk.endswith(b"[DONE]\n\n"):
+                        answer_written()
             except (UpstreamClosed, UpstreamProtocolError, asyncio.TimeoutError) as exc:
                 # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
                 sched.metrics.error("upstream_decode_stream")
@@ -388,11 +406,10 @@ class PDHandoff:
                 sched.health.report_failure(instance, "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream")
                 err = errors.upstream_failure("decode", instance, str(exc) or "stream broke")
                 await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
+            answer_written()
             await out.write_eof()
         except ConnectionResetError:
             # The client left mid-stream. Not an error of ours: the caller closes the upstream
             # response, which aborts the engine's request; aiohttp ends the connection.
             sched.metrics.error("client_disconnected")
-            return out
-        sched.metrics.e2e_by_stream[True].observe(sched.clock() - arrival)
         return out

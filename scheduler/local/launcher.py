@@ -104,6 +104,18 @@ def health_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def instances_on_node(config: ClusterConfig, node: str) -> list[str]:
+    """Names of the instances whose ``host`` is ``node`` (``launch --node``): one cluster YAML
+    serves the whole deployment and each node starts its own share. Hosts compare exactly
+    (case aside): the config's address is what the server binds and what peers dial, so a node
+    is named the way the config names it."""
+    names = [i.name for i in config.instances if i.host.lower() == node.lower()]
+    if not names:
+        hosts = ", ".join(sorted({i.host for i in config.instances}))
+        raise ConfigError(f"no instance has host {node!r} (hosts in the config: {hosts})")
+    return names
+
+
 # ---------------------------------------------------------------- the cluster
 
 

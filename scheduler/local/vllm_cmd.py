@@ -20,7 +20,7 @@ def server_command(cfg: ClusterConfig, inst: InstanceConfig, python: str) -> lis
     kv_transfer: dict[str, object] = {
         "kv_connector": "NixlConnector",
         "kv_role": "kv_producer" if inst.role == "prefill" else "kv_consumer",
-        "kv_buffer_device": "cpu",
+        "kv_buffer_device": cfg.engine.kv_buffer_device,
     }
     if inst.role == "decode":
         # A KV pull that fails (NIXL error, producer blocks expired) makes the decode engine

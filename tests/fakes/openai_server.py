@@ -69,6 +69,7 @@ class FakeServerConfig:
     model: str = "fake-model"
     first_token_delay_s: float = 0.0
     inter_token_delay_s: float = 0.0
+    eof_delay_s: float = 0.0  # from [DONE] to the end of the stream (a real engine lags a little)
     # None: generate exactly max_tokens (like ignore_eos); an int caps it (like an early EOS).
     max_generated_tokens: int | None = None
     prompt_tokens: int = 1  # reported in usage when the prompt is text (no tokenizer here)
@@ -350,6 +351,7 @@ class FakeOpenAIServer:
                      "completion_tokens": n_tokens}
             await response.write(_sse({**base, "choices": [], "usage": usage}))
         await response.write(_sse("[DONE]"))
+        await asyncio.sleep(self.config.eof_delay_s)
         await response.write_eof()
         return response
 
