@@ -111,7 +111,7 @@ def test_a_dead_server_is_restarted_after_its_backoff_and_the_others_are_untouch
     assert status["prefill-0"] == {"state": "running", "pid": 1001, "restarts": 1, "last_exit_code": -9}
     assert status["prefill-1"]["restarts"] == 0 and status["decode-0"]["pid"] == 3
     assert "prefill-0 running restarts=1" in sup.status_line()
-    assert cluster.reaped == []  # nothing else was stopped
+    assert cluster.reaped == ["prefill-0"]  # its leftovers at its death; nothing else stopped
 
 
 def test_backoff_doubles_per_death_in_the_window_and_is_capped() -> None:
@@ -160,7 +160,7 @@ def test_a_restart_that_never_gets_healthy_counts_as_a_death() -> None:
     assert sup.records["prefill-0"].state is ServerState.STARTING
     clock.now = 31.0
     sup.step()
-    assert cluster.reaped == ["prefill-0"]  # the hung server is killed before its restart
+    assert cluster.reaped == ["prefill-0", "prefill-0"]  # the hung restart is killed too
     assert len(sup.records["prefill-0"].deaths) == 2
     assert any("not healthy 30 s after its restart" in line for line in lines)
 

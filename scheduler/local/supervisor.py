@@ -148,12 +148,12 @@ class Supervisor:
         while rec.deaths and now - rec.deaths[0] > self.policy.window_s:
             rec.deaths.popleft()
         self.report(f"{name} {how}; last lines of its log:\n{self.cluster.last_log_lines(name)}")
-        if code is None:
-            self.cluster.reap(name)  # still running but useless (never got healthy)
+        # Now, not at the restart: an orphaned engine core (its API server killed alone) would
+        # keep its ports, KV-event stream and blocks alive meanwhile; a hung restart too.
+        self.cluster.reap(name)
         n = len(rec.deaths)
         if n >= self.policy.max_deaths:
             rec.state = ServerState.DOWN
-            self.cluster.reap(name)
             self.report(f"{name} died {n} times within {self.policy.window_s:.0f} s: leaving it "
                         f"down (the other servers keep running; fix it and restart launch)")  # fmt: skip
             return
