@@ -44,6 +44,9 @@ from scheduler.replay.client import ReplayOptions, replay  # noqa: E402
 from scheduler.replay.report import ReplayReport  # noqa: E402
 
 SCHEDULER = "scheduler-"  # --kill scheduler-<i>@S names a replica
+# Answers that turn a request away before the scheduler took it on: no instance to serve it (503),
+# or the request's own fault (4xx). Every other failure is an accepted request that was lost.
+REJECTIONS = frozenset({"http_503"} | {f"http_4{n:02d}" for n in range(100)})
 
 
 @dataclass
@@ -132,7 +135,18 @@ def start(config_path: Path, config: ClusterConfig, replicas: int, base_port: in
                               stdout=(log_dir / "launch.log").open("wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)  # fmt: skip
     procs = Processes(launch)
-    wait_until(lambda: (config.run_dir / STATUS_FILE).is_file(), timeout, "every server healthy", launch)
+    try:
+        wait_until(lambda: (config.run_dir / STATUS_FILE).is_file(), timeout, "every server healthy", launch)
+        start_schedulers(procs, config_path, config, replicas, base_port, log_dir, env)
+    except BaseException:
+        stop(procs)
+        raise
+    return procs
+
+
+def start_schedulers(procs: Processes, config_path: Path, config: ClusterConfig, replicas: int,
+                     base_port: int, log_dir: Path, env: dict[str, str]) -> None:  # fmt: skip
+    cli = [sys.executable, "-m", "dualmap_pd.cli"]
     for i in range(replicas):
         port = base_port + i
         serve = subprocess.Popen(
@@ -144,7 +158,6 @@ def start(config_path: Path, config: ClusterConfig, replicas: int, base_port: in
         url = f"http://{config.scheduler.host}:{port}"
         procs.serve_urls.append(url)
         wait_until(lambda: http_get(url + "/health")[0] == 200, 120.0, f"scheduler {i} healthy", serve)
-    return procs
 
 
 def stop(procs: Processes) -> list[str]:
@@ -178,14 +191,15 @@ async def failover_front(urls: list[str], port: int) -> Any:
         nonlocal turn
         body = await request.read()
         turn += 1
-        last: Exception | None = None
+        first = turn  # ours: other requests move ``turn`` while we wait
+        refused: list[str] = []
         for k in range(len(urls)):
-            url = urls[(turn + k) % len(urls)] + request.path_qs
+            url = urls[(first + k) % len(urls)] + request.path_qs
             try:
                 upstream = await session.request(request.method, url, data=body,
                                                  headers={"Content-Type": "application/json"})  # fmt: skip
             except aiohttp.ClientConnectorError as exc:
-                last = exc
+                refused.append(f"{url}: {exc}")
                 continue
             async with upstream:
                 out = web.StreamResponse(status=upstream.status, headers={
@@ -199,9 +213,14 @@ async def failover_front(urls: list[str], port: int) -> Any:
                     # The replica died mid-answer: cut the client's stream the same way.
                     request.transport.close()  # type: ignore[union-attr]
                     return out
-                await out.write_eof()
+                except ConnectionResetError:
+                    return out  # the client left (replay clients hang up right after [DONE])
+                try:
+                    await out.write_eof()
+                except ConnectionResetError:
+                    pass
                 return out
-        return web.json_response({"error": {"message": f"no replica reachable: {last}", "type": "server_error",
+        return web.json_response({"error": {"message": f"no replica reachable: {refused}", "type": "server_error",
                                             "param": None, "code": "no_replica"}}, status=502)  # fmt: skip
 
     app = web.Application()
@@ -287,12 +306,14 @@ async def fresh_requests(url: str, model: str, n: int, seed: int) -> list[dict[s
 
 def classify(report: ReplayReport) -> dict[str, Any]:
     kinds: Counter[str] = Counter()
+    examples: dict[str, str] = {}
     broken_mid_answer = rejected = 0
     for r in report.results:
         if r.failure is None:
             continue
         kinds[r.failure] += 1
-        if r.failure.startswith("http_"):
+        examples.setdefault(r.failure, r.error[:200])
+        if r.failure in REJECTIONS:
             rejected += 1
         elif r.failure == "stream_error" and (r.ttft_s is not None):
             broken_mid_answer += 1  # tokens already streamed, then a clean error event
@@ -300,7 +321,7 @@ def classify(report: ReplayReport) -> dict[str, Any]:
     completed = sum(r.failure is None for r in report.results)
     accepted = sent - rejected
     return {"sent": sent, "accepted": accepted, "completed": completed,
-            "failed": sent - completed, "failed_by_kind": dict(kinds),
+            "failed": sent - completed, "failed_by_kind": dict(kinds), "failure_examples": examples,
             "broken_mid_answer_with_error_event": broken_mid_answer,
             "accepted_and_lost": accepted - completed - broken_mid_answer}  # fmt: skip
 
