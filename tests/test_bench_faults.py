@@ -5,32 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from tests.service_harness import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 VLLM_STUB = REPO / "tests" / "fakes" / "vllm_stub"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def test_bench_faults_kills_a_stub_server_and_reports_its_recovery(tmp_path: Path) -> None:
     from scheduler.local.tiny_model import build_tiny_model
 
     model = build_tiny_model(REPO / "models" / "tiny-llama")  # the scheduler needs its tokenizer
-    ports = _free_ports(11)
+    ports = free_ports(11)
     raw = {
         "model": str(model), "served_model_name": "fake-model", "block_size": 16, "max_model_len": 4096,
         "run_dir": str(tmp_path / "runs"), "scheduler": {"port": ports[10]},

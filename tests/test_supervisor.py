@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from scheduler.local.supervisor import RestartPolicy, ServerState, Supervisor
+from tests.service_harness import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VLLM_STUB = REPO_ROOT / "tests" / "fakes" / "vllm_stub"
@@ -195,23 +196,11 @@ def test_policy_rejects_nonsense() -> None:
 # ---------------------------------------------------------------- `dualmap-pd launch` for real
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _launch(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], Path, Path]:
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")  # the launcher only checks it exists
-    http, side, events = (ports := _free_ports(8))[:3], ports[3:6], ports[6:]
+    http, side, events = (ports := free_ports(8))[:3], ports[3:6], ports[6:]
     raw = {
         "model": str(model), "served_model_name": "fake-model", "block_size": 16, "max_model_len": 256,
         "run_dir": str(tmp_path / "runs"),
