@@ -290,3 +290,27 @@ def test_launch_no_restart_stops_everything_when_one_server_dies(tmp_path: Path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_launch_retries_a_restart_whose_port_is_still_taken(tmp_path: Path) -> None:
+    import socket
+
+    proc, status_path, log = _launch(tmp_path)
+    try:
+        assert _wait(lambda: status_path.is_file() or proc.poll() is not None), log.read_text()
+        entry = _status(status_path)["decode-0"]
+        port = int(str(entry["url"]).rsplit(":", 1)[1])
+        os.kill(int(entry["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
+        squatter = socket.socket()
+        try:  # someone takes its port before the restart
+            assert _wait(lambda: squatter.bind(("127.0.0.1", port)) is None, 5.0)
+            squatter.listen()
+            assert _wait(lambda: "decode-0: restart 1 failed" in log.read_text(), 15.0), log.read_text()
+        finally:
+            squatter.close()
+        assert _wait(lambda: _status(status_path)["decode-0"]["state"] == "running"
+                     and _status(status_path)["decode-0"]["restarts"] == 2), log.read_text()  # fmt: skip
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -235,11 +235,15 @@ class LocalCluster:
 
     def restart(self, name: str) -> None:
         """Start a dead server again: same ports, run dir, environment and pinning."""
-        srv = self.servers[name]
         self.reap(name)
         with self._lock:
-            del self.servers[name]
-        self._spawn(srv.inst, restart=True)
+            dead = self.servers.pop(name)
+        try:
+            self._spawn(dead.inst, restart=True)
+        except BaseException:  # e.g. a port still held: keep the dead one on record
+            with self._lock:
+                self.servers.setdefault(name, dead)
+            raise
 
     def reap(self, name: str) -> None:
         """SIGKILL whatever is left of a server's tree (an orphaned engine core holds its ports)."""
