@@ -14,7 +14,7 @@ from pathlib import Path
 from scheduler.intake.kv_events import KVEventSubscriber
 from scheduler.service import Scheduler
 from tests.fakes.kv_publisher import FakeBlockPool, FakeKVPublisher
-from tests.fakes.openai_server import FakeServerConfig, Fault
+from tests.fakes.openai_server import FakeServerConfig, Fault, fault_by_max_tokens
 from tests.service_harness import BLOCK, Harness, cluster, completion, eventually, run
 
 SLOW = FakeServerConfig(first_token_delay_s=30.0)  # a prefill that will not finish in a test
@@ -293,7 +293,9 @@ def test_scheduler_counters_agree_with_the_replay_client() -> None:
     trace = Path(__file__).resolve().parents[1] / "scripts" / "traces" / "hot_prefix_sample.jsonl"
     # The decoder lingers between [DONE] and the end of its answer, so every client hang-up
     # after [DONE] reaches the scheduler while it is still relaying.
-    linger = FakeServerConfig(done_linger_s=0.05)
+    # max_tokens=7: the decode stream breaks after two tokens (an error event, outcome "error").
+    linger = FakeServerConfig(done_linger_s=0.05,
+                              fault_for=fault_by_max_tokens({7: Fault("disconnect", after_tokens=2)}))
 
     async def body() -> None:
         async with cluster(n_decode=2, decode_config=linger) as h:
@@ -316,6 +318,11 @@ def test_scheduler_counters_agree_with_the_replay_client() -> None:
                     resp.close()
             assert await eventually(lambda: m.errors.value(("client_disconnected",)) == 3)
             assert m.requests.value(("completions", "cancelled")) == 3
+            for i in range(2):  # and two answers that break mid-stream on the decoder
+                _, _, text = await h.post("/v1/completions", completion(f"broken{i}", max_tokens=7, stream=True))
+                assert '"upstream_error"' in text and text.rstrip().endswith("data: [DONE]")
+            assert m.requests.value(("completions", "error")) == m.errors.value(("upstream_decode_stream",)) == 2
+            assert m.requests.value(("completions", "ok")) == 40
             assert m.e2e_by_stream[True].count == 40
 
     run(body)

@@ -399,8 +399,9 @@ class PDHandoff:
                 # Soft evidence either way (see _leg_bytes).
                 sched.health.report_failure(instance, "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream")
                 err = errors.upstream_failure("decode", instance, str(exc) or "stream broke")
-                await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
                 http[ANSWER_DELIVERED] = True  # ended, with its error: not a disconnect either
+                http[RELAY_OUTCOME] = "error"
+                await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
             await out.write_eof()
         except ConnectionResetError:
             # The client left. After the end of the answer nothing was lost. Before it, that is
@@ -408,7 +409,7 @@ class PDHandoff:
             # aborts the engine's request; aiohttp ends the connection (raising would make it
             # log an error).
             if not http.get(ANSWER_DELIVERED):
-                http[CLIENT_LEFT] = True
+                http[RELAY_OUTCOME] = "cancelled"
                 sched.metrics.error("client_disconnected")
         return out
 
@@ -421,8 +422,9 @@ DONE_TAIL = 32  # bytes kept to spot "data: [DONE]" split across chunks
 # Set on the aiohttp request once the client has been sent the whole answer (the final
 # ``data: [DONE]``): a hang-up after that is a finished request, not a client disconnect.
 ANSWER_DELIVERED = web.RequestKey("dualmap_answer_delivered", bool)
-# Set when the client hung up mid-answer and the relay ended quietly (its outcome: cancelled).
-CLIENT_LEFT = web.RequestKey("dualmap_client_left", bool)
+# A streamed request's outcome when the relay ended it quietly but not well: "error" (an SSE
+# error event after a broken decode stream) or "cancelled" (the client hung up mid-answer).
+RELAY_OUTCOME = web.RequestKey("dualmap_relay_outcome", str)
 
 
 async def _chunks_after(first: bytes, upstream: UpstreamResponse) -> AsyncIterator[bytes]:

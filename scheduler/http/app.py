@@ -18,7 +18,7 @@ from scheduler.http import errors
 from scheduler.http.admin import install_admin
 from scheduler.http.auth import ApiKeyGuard
 from scheduler.http.errors import ApiError
-from scheduler.dispatch.pd_client import ANSWER_DELIVERED, CLIENT_LEFT, PDHandoff
+from scheduler.dispatch.pd_client import ANSWER_DELIVERED, RELAY_OUTCOME, PDHandoff
 from scheduler.prom import CONTENT_TYPE
 from scheduler.service import Scheduler
 from scheduler.dispatch.tokenization import LONG_PROMPT_CHARS, encode_chat
@@ -86,8 +86,8 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
             gen.prompt_ids = _tokenize(sched, gen)
         check_context(gen, sched.config.max_model_len)
         response = await request.app[HANDOFF_KEY].serve(request, gen, arrival)
-        if request.get(CLIENT_LEFT):
-            outcome = "cancelled"  # the disconnect is counted where it was seen
+        # Counted (error kind) where the relay saw it; the outcome is recorded here.
+        outcome = request.get(RELAY_OUTCOME, outcome)
         return response
     except ApiError as err:
         outcome = "error"
