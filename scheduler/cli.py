@@ -17,7 +17,9 @@ def register_launch(subparsers: Any) -> argparse.ArgumentParser:
         help="start the prefill/decode vLLM servers of a cluster config",
         description="Start every prefill and decode vLLM server of the config (or, with --node, "
         "only those on this node), wait until all answer /health, then keep them running until "
-        "Ctrl-C or SIGTERM (which stop them all).",
+        "Ctrl-C or SIGTERM (which stop them all). A server that exits is restarted with backoff "
+        "on the same ports (the others keep running); one that dies --max-deaths times within "
+        "--death-window seconds is left down.",
     )
     p.add_argument("--config", required=True, help="cluster YAML (see scripts/cluster.local.yaml)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health")
@@ -38,6 +40,13 @@ def register_launch(subparsers: Any) -> argparse.ArgumentParser:
         default="idle",
         help="priority for NIXL's busy-looping UCX progress threads (default: SCHED_IDLE)",
     )
+    sup = p.add_argument_group("supervision")
+    sup.add_argument("--no-restart", action="store_true",
+                     help="do not restart a server that exits: stop every server instead")
+    sup.add_argument("--max-deaths", type=int, default=5, metavar="N",
+                     help="leave a server down once it died N times within --death-window (default 5)")
+    sup.add_argument("--death-window", type=float, default=600.0, metavar="S",
+                     help="seconds over which deaths are counted (default 600)")
     scale = p.add_argument_group(
         "scale-out", "start one extra instance that is not in the config (instead of the config's "
         "servers) and optionally register it with a running scheduler (docs/membership.md)")
@@ -59,10 +68,13 @@ def register_launch(subparsers: Any) -> argparse.ArgumentParser:
 def _launch(args: argparse.Namespace) -> int:
     from scheduler.config import ConfigError, load_config
     from scheduler.local.launcher import run_launch
+    from scheduler.local.supervisor import RestartPolicy
 
     try:
         cfg = load_config(args.config)
-    except ConfigError as exc:
+        policy = None if args.no_restart else RestartPolicy(
+            max_deaths=args.max_deaths, window_s=args.death_window, start_timeout_s=args.timeout)
+    except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}")
         return 2
     extra = args.add_prefill or args.add_decode
@@ -79,9 +91,8 @@ def _launch(args: argparse.Namespace) -> int:
             except ConfigError as exc:
                 print(f"config error: {exc}")
                 return 2
-        return run_launch(
-            cfg, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners, names=names
-        )
+        return run_launch(cfg, timeout=args.timeout, pin=not args.no_pin, spinners=args.spinners,
+                          names=names, restart=policy)  # fmt: skip
     if args.node is not None or args.only:
         print("--add-prefill/--add-decode start one extra instance; drop --node/--only")
         return 2

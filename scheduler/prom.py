@@ -131,6 +131,9 @@ class SchedulerMetrics(Collector):
         self.engine_hits = Counter("dualmap_cache_hit_tokens_engine",
                                    "Prompt tokens the prefill engine reported cached", ("instance",))  # fmt: skip
         self.prompt_tokens = Counter("dualmap_prompt_tokens", "Prompt tokens prefilled", ("instance",))
+        self.engine_restarts = Counter("dualmap_engine_restarts", "Engine restarts seen on its /metrics "
+                                       "(a new process start time, or counters that went back)",
+                                       ("instance",))  # fmt: skip
         self.ttft = Histogram("dualmap_ttft_seconds", "Arrival to first token: the first streamed "
                               "chunk, or the prefill's answer when not streaming", ("stream",))  # fmt: skip
         self.e2e = Histogram("dualmap_e2e_seconds", "Arrival to the end of the answer", ("stream",))
@@ -190,7 +193,7 @@ class SchedulerMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for c in (self.decisions, self.requests, self.errors, self.predicted_hits,
-                  self.engine_hits, self.prompt_tokens):  # fmt: skip
+                  self.engine_hits, self.prompt_tokens, self.engine_restarts):  # fmt: skip
             yield c.family()
         for h in (self.ttft, self.e2e, self.tpot, self.queue_wait, self.prefill_time, self.overhead):
             yield h.family()

@@ -104,6 +104,8 @@ class Scheduler:
         self._seq = 0
         self.started_wall = time.time()  # /v1/models "created"
         self.client: PDClient | None = None  # created in start(): it needs a running loop
+        # NIXL totals of engine processes that have since restarted (their counters reset).
+        self._kv_transfer_before: dict[str, KVTransferTotals] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -290,11 +292,17 @@ class Scheduler:
             if snap.consecutive_failures >= UNHEALTHY_AFTER_FAILED_SCRAPES:
                 self.mark_unhealthy(snap.instance, "metrics_scrape")
             return
+        if snap.restarted:
+            # A new engine process: its counters start from zero again. Keep ours cumulative.
+            log.warning("engine %s restarted (new process); its totals continue from here", snap.instance)
+            self.metrics.engine_restarts.inc((snap.instance,))
+            self._kv_transfer_before[snap.instance] = self.metrics.kv_transfer.get(snap.instance, KVTransferTotals())
         if snap.nixl_bytes_transferred_sum is not None:
+            before = self._kv_transfer_before.get(snap.instance, KVTransferTotals())
             self.metrics.kv_transfer[snap.instance] = KVTransferTotals(
-                bytes=snap.nixl_bytes_transferred_sum,
-                seconds=snap.nixl_xfer_time_sum or 0.0,
-                transfers=snap.nixl_transfers or 0.0,
+                bytes=before.bytes + snap.nixl_bytes_transferred_sum,
+                seconds=before.seconds + (snap.nixl_xfer_time_sum or 0.0),
+                transfers=before.transfers + (snap.nixl_transfers or 0.0),
             )
 
     # -- views ------------------------------------------------------------------------------

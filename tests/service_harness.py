@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,13 +65,17 @@ def fake_cluster_config(
     admin: dict[str, Any] | None = None,
 ) -> ClusterConfig:
     """The cluster config of fake engines: prefill-<i> and decode-<i> on their ports."""
+    # The side-channel and KV-event ports are never bound here, but the config refuses two uses
+    # of one port: skip any that the OS happened to give a fake server.
+    taken = {s.port for s in [*prefill, *decode]} | set(kv_events_ports or ())
+    spare = (port for port in range(40100, 41000) if port not in taken)
     return config_from_dict({
         "model": "/nonexistent/fake-model", "served_model_name": MODEL, "block_size": BLOCK,
         "max_model_len": MAX_MODEL_LEN,
-        "prefill": [{"name": f"prefill-{i}", "port": s.port, "nixl_side_channel_port": 40100 + i,
-                     "kv_events_port": kv_events_ports[i] if kv_events_ports else 40200 + i}
+        "prefill": [{"name": f"prefill-{i}", "port": s.port, "nixl_side_channel_port": next(spare),
+                     "kv_events_port": kv_events_ports[i] if kv_events_ports else next(spare)}
                     for i, s in enumerate(prefill)],
-        "decode": [{"name": f"decode-{i}", "port": s.port, "nixl_side_channel_port": 40300 + i}
+        "decode": [{"name": f"decode-{i}", "port": s.port, "nixl_side_channel_port": next(spare)}
                    for i, s in enumerate(decode)],
         "admin": admin or {},
     })  # fmt: skip
@@ -114,6 +119,18 @@ async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports nothing listens on right now (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def completion(prompt: Any = "hello world", **extra: Any) -> dict[str, Any]:

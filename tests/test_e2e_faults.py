@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny-llama"
 HTTP = 8700  # 8700-8709 and 6000-6019: this test's ports
 KV_EVENTS, KV_REPLAY, NIXL = 6000, 6005, 6010
+KILL_WAIT_S = 20.0  # at most this long past kill_after_s for a request to be on the victim
 REQUEST_TIMEOUT_S = 240.0  # far above a tiny model's answer on a loaded box: only a hang hits it
 
 
@@ -134,10 +135,17 @@ async def _replay_and_kill(f: Faulty, victim: str, n: int, kill_after_s: float, 
         tasks = [asyncio.ensure_future(_one(session, f.url, p, i * 0.05, streaming, max_tokens))
                  for i, p in enumerate(prompts)]  # fmt: skip
         await asyncio.sleep(kill_after_s)
-        if victim.startswith("prefill"):
-            caught = _prefills_on(f, victim)
-        else:
-            caught = sum(d == victim for d in streaming.values())
+        # On a loaded box the first answers may start later: wait (a little) for some to be on
+        # the victim rather than kill it idle.
+        deadline = time.monotonic() + KILL_WAIT_S
+        while True:
+            if victim.startswith("prefill"):
+                caught = _prefills_on(f, victim)
+            else:
+                caught = sum(d == victim for d in streaming.values())
+            if caught or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         f.kill(victim)
         print(f"killing {victim} with {caught} request(s) on it")
         started = time.monotonic()

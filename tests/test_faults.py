@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from pathlib import Path
 
 from scheduler.intake.kv_events import KVEventSubscriber
 from scheduler.service import Scheduler
 from tests.fakes.kv_publisher import FakeBlockPool, FakeKVPublisher
-from tests.fakes.openai_server import FakeServerConfig, Fault
+from tests.fakes.openai_server import FakeServerConfig, Fault, fault_by_max_tokens
 from tests.service_harness import BLOCK, Harness, cluster, completion, eventually, run
 
 SLOW = FakeServerConfig(first_token_delay_s=30.0)  # a prefill that will not finish in a test
@@ -281,3 +282,47 @@ def test_client_hanging_up_on_a_fast_stream_is_quiet_and_aborts_the_decode(caplo
     with caplog.at_level("ERROR"):
         run(body)
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text[:2000]
+
+
+def test_scheduler_counters_agree_with_the_replay_client() -> None:
+    """A client hanging up right after the final [DONE] (the replay client does, without waiting
+    for the chunked trailer) got its whole answer: the scheduler must count it as served, not
+    as a disconnect. Only real mid-stream hang-ups are disconnects."""
+    from scheduler.replay.client import ReplayOptions, replay
+
+    trace = Path(__file__).resolve().parents[1] / "scripts" / "traces" / "hot_prefix_sample.jsonl"
+    # The decoder lingers between [DONE] and the end of its answer, so every client hang-up
+    # after [DONE] reaches the scheduler while it is still relaying.
+    # max_tokens=7: the decode stream breaks after two tokens (an error event, outcome "error").
+    linger = FakeServerConfig(done_linger_s=0.05,
+                              fault_for=fault_by_max_tokens({7: Fault("disconnect", after_tokens=2)}))
+
+    async def body() -> None:
+        async with cluster(n_decode=2, decode_config=linger) as h:
+            options = ReplayOptions(trace=trace, url=h.url, requests=40, qps=200.0,
+                                    max_prompt_tokens=120, max_output_tokens=6,
+                                    prompt_format="tokens", vocab_size=250)  # fmt: skip
+            report = await replay(options)
+            client = report.summary()
+            assert client["completed"] == 40 and client["failed"] == 0, client
+            m = h.scheduler.metrics
+            await eventually(lambda: m.requests.value(("completions", "ok")) == 40)
+            assert m.requests.value(("completions", "ok")) == client["completed"]
+            assert m.requests.value(("completions", "cancelled")) == 0
+            assert dict(m.errors.values) == {}, dict(m.errors.values)
+            assert m.e2e_by_stream[True].count == client["completed"]
+            for i in range(3):  # now three real hang-ups, mid-answer
+                req = completion(f"leaving{i}", max_tokens=200, stream=True)
+                async with h.client.post(h.url + "/v1/completions", json=req) as resp:
+                    await resp.content.readany()
+                    resp.close()
+            assert await eventually(lambda: m.errors.value(("client_disconnected",)) == 3)
+            assert m.requests.value(("completions", "cancelled")) == 3
+            for i in range(2):  # and two answers that break mid-stream on the decoder
+                _, _, text = await h.post("/v1/completions", completion(f"broken{i}", max_tokens=7, stream=True))
+                assert '"upstream_error"' in text and text.rstrip().endswith("data: [DONE]")
+            assert m.requests.value(("completions", "error")) == m.errors.value(("upstream_decode_stream",)) == 2
+            assert m.requests.value(("completions", "ok")) == 40
+            assert m.e2e_by_stream[True].count == 40
+
+    run(body)

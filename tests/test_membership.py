@@ -190,6 +190,7 @@ def test_an_instance_not_up_yet_joins_once_healthy() -> None:
 def test_add_rejects_bad_bodies_duplicates_and_port_clashes() -> None:
     async def body() -> None:
         async with cluster(n_prefill=2, admin=ADMIN) as h, FakeOpenAIServer() as extra:
+            taken_kv_port = h.scheduler.config.prefill[0].kv_events_port
             cases: list[tuple[Any, int, str | None]] = [
                 ({**new_prefill_body(extra), "role": "router"}, 400, "role"),
                 ({**new_prefill_body(extra), "url": "ftp://127.0.0.1:1"}, 400, "url"),
@@ -198,7 +199,7 @@ def test_add_rejects_bad_bodies_duplicates_and_port_clashes() -> None:
                 ({**new_prefill_body(extra), "name": "../etc"}, 400, "instance"),
                 ({**new_prefill_body(extra), "bogus": 1}, 400, "instance"),
                 ({**new_prefill_body(extra), "name": "prefill-0"}, 409, "name"),
-                ({**new_prefill_body(extra), "kv_events_port": 40200}, 409, None),  # prefill-0's
+                ({**new_prefill_body(extra), "kv_events_port": taken_kv_port}, 409, None),  # prefill-0's
                 ([1, 2], 400, "body"),
             ]
             for payload, want, param in cases:

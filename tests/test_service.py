@@ -312,7 +312,7 @@ def test_a_client_hanging_up_on_done_still_has_its_latency_counted() -> None:
     async def body() -> None:
         # The decoder ends its stream 0.5 s after [DONE]; the client leaves on [DONE], which
         # cancels the scheduler's handler while it waits for that end.
-        slow_eof = FakeServerConfig(inter_token_delay_s=0.01, eof_delay_s=0.5)
+        slow_eof = FakeServerConfig(inter_token_delay_s=0.01, done_linger_s=0.5)
         async with cluster(decode_config=slow_eof) as h:
             resp = await h.client.post(h.url + "/v1/completions", json=completion(stream=True, max_tokens=4))
             async for line in resp.content:
@@ -320,7 +320,9 @@ def test_a_client_hanging_up_on_done_still_has_its_latency_counted() -> None:
                     break
             resp.close()
             metrics = h.scheduler.metrics
-            assert await eventually(lambda: metrics.requests.value(("completions", "cancelled")) == 1)
+            # It had the whole answer: a served request, not a disconnect.
+            assert await eventually(lambda: metrics.requests.value(("completions", "ok")) == 1)
+            assert metrics.requests.value(("completions", "cancelled")) == 0
             assert metrics.e2e_by_stream[True].count == 1 and metrics.tpot_series.count == 1
 
     run(body)

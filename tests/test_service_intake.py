@@ -69,5 +69,13 @@ def test_engine_metrics_bring_nixl_totals_and_failures_mark_instances_down() -> 
                 srv.status = 200
                 # The health probe (/health on the engine, a fake OpenAI server) brings it back.
                 assert await eventually(lambda: h.scheduler.view["decode-0"].healthy)
+                # It was a new process: its NIXL counters start again from zero; ours go on.
+                metrics.process_start_time += 60.0
+                metrics.engine.nixl_bytes_transferred = [500.0]
+                metrics.engine.nixl_xfer_time_seconds = [0.02]
+                kv = h.scheduler.metrics.kv_transfer
+                assert await eventually(lambda: kv["decode-0"].transfers == 3.0)
+                assert kv["decode-0"].bytes == 3500.0
+                assert h.scheduler.metrics.engine_restarts.value(("decode-0",)) == 1
 
     run(body)

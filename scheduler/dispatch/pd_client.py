@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -377,39 +378,69 @@ class PDHandoff:
         first_at = sched.clock()
         sched.metrics.ttft_by_stream[True].observe(first_at - arrival)
         instance = headers[DECODE_HEADER]
+        tail = b""  # the last bytes relayed: has the client been sent the final [DONE]?
         events = 0  # SSE events after the first chunk (each ends with a blank line): for TPOT
-        answered = False
-
-        def answer_written() -> None:
-            # Counted as soon as the client has the whole answer: a client that hangs up on
-            # reading [DONE] gets this handler cancelled (handler_cancellation) while it still
-            # waits for the engine's end of stream.
-            nonlocal answered
-            if not answered:
-                answered = True
-                end = sched.clock()
-                sched.metrics.e2e_by_stream[True].observe(end - arrival)
-                sched.metrics.stream_done(first_at, end, events)
-
         try:
             try:
                 await out.write(first)
                 async for chunk in upstream.iter_chunks():
                     events += chunk.count(b"\n\n")
+                    if not http.get(ANSWER_DELIVERED) and _ends_with_done(tail := (tail + chunk)[-DONE_TAIL:]):
+                        # The whole answer is out once [DONE] is: a client that hangs up now
+                        # (they do, without waiting for the chunked trailer) got everything.
+                        # Marked before the write (a cancel while it drains comes after the
+                        # bytes went to the socket), unless the client is gone already.
+                        transport = http.transport
+                        if transport is not None and not transport.is_closing():
+                            self._delivered(http, arrival, first_at, events)
                     await out.write(chunk)
-                    if chunk.endswith(b"[DONE]\n\n"):
-                        answer_written()
+                if not http.get(ANSWER_DELIVERED):
+                    self._delivered(http, arrival, first_at, events)  # an engine that ends without [DONE]
             except (UpstreamClosed, UpstreamProtocolError, asyncio.TimeoutError) as exc:
+                if http.get(ANSWER_DELIVERED):  # broke after [DONE]: the client has it all
+                    return out
                 # Headers are sent: the only way left to report is an SSE error event, as vLLM does.
                 sched.metrics.error("upstream_decode_stream")
                 # Soft evidence either way (see _leg_bytes).
                 sched.health.report_failure(instance, "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream")
                 err = errors.upstream_failure("decode", instance, str(exc) or "stream broke")
+                http[ANSWER_DELIVERED] = True  # ended, with its error: not a disconnect either
+                http[RELAY_OUTCOME] = "error"
                 await out.write(b"data: " + err.to_bytes() + b"\n\ndata: [DONE]\n\n")
-            answer_written()
             await out.write_eof()
         except ConnectionResetError:
-            # The client left mid-stream. Not an error of ours: the caller closes the upstream
-            # response, which aborts the engine's request; aiohttp ends the connection.
-            sched.metrics.error("client_disconnected")
+            # The client left. After the end of the answer nothing was lost. Before it, that is
+            # its choice, not an error of ours: the caller closes the upstream response, which
+            # aborts the engine's request; aiohttp ends the connection (raising would make it
+            # log an error).
+            if not http.get(ANSWER_DELIVERED):
+                http[RELAY_OUTCOME] = "cancelled"
+                sched.metrics.error("client_disconnected")
         return out
+
+    def _delivered(self, http: web.Request, arrival: float, first_at: float, events: int) -> None:
+        """The client has the whole answer: count its end-to-end time and time per token."""
+        http[ANSWER_DELIVERED] = True
+        sched = self.scheduler
+        end = sched.clock()
+        sched.metrics.e2e_by_stream[True].observe(end - arrival)
+        sched.metrics.stream_done(first_at, end, events)
+
+
+DONE_TAIL = 32  # bytes kept to spot "data: [DONE]" split across chunks
+# Set on the aiohttp request once the client has been sent the whole answer (the final
+# ``data: [DONE]``): a hang-up after that is a finished request, not a client disconnect.
+ANSWER_DELIVERED = web.RequestKey("dualmap_answer_delivered", bool)
+# A streamed request's outcome when the relay ended it quietly but not well: "error" (an SSE
+# error event after a broken decode stream) or "cancelled" (the client hung up mid-answer).
+RELAY_OUTCOME = web.RequestKey("dualmap_relay_outcome", str)
+
+
+async def _chunks_after(first: bytes, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in upstream.iter_chunks():
+        yield chunk
+
+
+def _ends_with_done(tail: bytes) -> bool:
+    return tail.rstrip().endswith(b"data: [DONE]")

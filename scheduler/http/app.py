@@ -18,7 +18,7 @@ from scheduler.http import errors
 from scheduler.http.admin import install_admin
 from scheduler.http.auth import ApiKeyGuard
 from scheduler.http.errors import ApiError
-from scheduler.dispatch.pd_client import PDHandoff
+from scheduler.dispatch.pd_client import ANSWER_DELIVERED, RELAY_OUTCOME, PDHandoff
 from scheduler.prom import CONTENT_TYPE
 from scheduler.service import Scheduler
 from scheduler.dispatch.tokenization import LONG_PROMPT_CHARS, encode_chat
@@ -85,12 +85,17 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         else:
             gen.prompt_ids = _tokenize(sched, gen)
         check_context(gen, sched.config.max_model_len)
-        return await request.app[HANDOFF_KEY].serve(request, gen, arrival)
+        response = await request.app[HANDOFF_KEY].serve(request, gen, arrival)
+        # Counted (error kind) where the relay saw it; the outcome is recorded here.
+        outcome = request.get(RELAY_OUTCOME, outcome)
+        return response
     except ApiError as err:
         outcome = "error"
         sched.metrics.error(err.kind)
         return err.to_response()
     except (asyncio.CancelledError, ConnectionResetError):
+        if request.get(ANSWER_DELIVERED):  # it hung up after the final [DONE]: served in full
+            raise
         outcome = "cancelled"
         sched.metrics.error("client_disconnected")
         raise

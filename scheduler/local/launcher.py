@@ -5,6 +5,11 @@
 so stopping it reaches the engine-core child too, and nothing is left behind: ``stop()`` sends
 SIGTERM to the group and to every descendant, then SIGKILL after a grace period.
 
+``dualmap-pd launch`` (``run_launch``) then supervises: a server that exits is reaped (its
+orphaned engine core still holds the ports) and started again on the same ports, run dir and
+pinning, with backoff; the policy lives in scheduler.local.supervisor. The others never notice.
+``run_dir/launch-status.json`` holds every server's state, pid and restart count.
+
 CPU pinning: NIXL's worker init calls ``os.sched_setaffinity(0, [last core of the NUMA node])``
 in the worker process, undoing VLLM_CPU_OMP_THREADS_BIND, so on a 2-core box every server
 computes on core 1. Once a server answers /health (NIXL init is done by then) we re-apply the
@@ -24,6 +29,8 @@ an occasional 1-2 s KV-transfer completion delay while the decode's core is satu
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -48,6 +55,7 @@ from scheduler.local.proctree import (
     set_tree_affinity,
     signal_tree,
 )
+from scheduler.local.supervisor import RestartPolicy, Supervisor
 from scheduler.local.vllm_cmd import instance_dir, server_command, server_env
 
 LOG_TAIL_LINES = 40
@@ -116,6 +124,15 @@ def instances_on_node(config: ClusterConfig, node: str) -> list[str]:
     return names
 
 
+def select_instances(config: ClusterConfig, names: list[str] | None = None) -> list[InstanceConfig]:
+    """The instances of ``config`` that ``launch`` starts: all, or only ``names`` (--only)."""
+    wanted = [i for i in config.instances if names is None or i.name in names]
+    if names is not None and len(wanted) != len(set(names)):
+        known = ", ".join(i.name for i in config.instances)
+        raise ConfigError(f"unknown instance in {names} (known: {known})")
+    return wanted
+
+
 # ---------------------------------------------------------------- the cluster
 
 
@@ -151,12 +168,8 @@ class LocalCluster:
                 f"no model at {self.config.model} (no config.json); build the tiny one with "
                 f"`dualmap-pd build-tiny-model --out {self.config.model}`"
             )
-        wanted = [i for i in self.config.instances if names is None or i.name in names]
-        if names is not None and len(wanted) != len(set(names)):
-            known = ", ".join(i.name for i in self.config.instances)
-            raise ConfigError(f"unknown instance in {names} (known: {known})")
         try:
-            for inst in wanted:
+            for inst in select_instances(self.config, names):
                 if inst.name not in self.servers:
                     self._spawn(inst)
         except BaseException:
@@ -199,14 +212,8 @@ class LocalCluster:
                         f"last lines of {srv.log_path}:\n{log_tail(srv.log_path)}"
                     )
                 if health_ok(srv.inst.url):
-                    srv.healthy_at = time.monotonic()
                     pending.remove(srv)
-                    self._repin(srv)
-                    if self.spinners != "leave":
-                        # Right after /health nobody has sent work yet, so busy threads are
-                        # spinners, not compute.
-                        srv.spinning_threads = find_spinning_threads(srv.proc.pid)
-                        deprioritize(srv.spinning_threads, self.spinners)
+                    self._became_healthy(srv)
             if not pending:
                 return
             if time.monotonic() > deadline:
@@ -216,6 +223,53 @@ class LocalCluster:
                     f"last lines of {srv.log_path}:\n{log_tail(srv.log_path)}"
                 )
             time.sleep(0.5)
+
+    def _became_healthy(self, srv: ServerProcess) -> None:
+        srv.healthy_at = time.monotonic()
+        self._repin(srv)
+        if self.spinners != "leave":
+            # Right after /health nobody has sent work yet, so busy threads are spinners, not
+            # compute.
+            srv.spinning_threads = find_spinning_threads(srv.proc.pid)
+            deprioritize(srv.spinning_threads, self.spinners)
+
+    # -- supervision (scheduler.local.supervisor.Supervised)
+
+    def names(self) -> list[str]:
+        return list(self.servers)
+
+    def exit_code(self, name: str) -> int | None:
+        return self.servers[name].proc.poll()
+
+    def pid(self, name: str) -> int | None:
+        srv = self.servers.get(name)
+        return None if srv is None else srv.proc.pid
+
+    def restart(self, name: str) -> None:
+        """Start a dead server again: same ports, run dir, environment and pinning."""
+        self.reap(name)
+        with self._lock:
+            dead = self.servers.pop(name)
+        try:
+            self._spawn(dead.inst, restart=True)
+        except BaseException:  # e.g. a port still held: keep the dead one on record
+            with self._lock:
+                self.servers.setdefault(name, dead)
+            raise
+
+    def reap(self, name: str) -> None:
+        """SIGKILL whatever is left of a server's tree (an orphaned engine core holds its ports)."""
+        _kill_now(self.servers[name], process_tree(self.servers[name].proc.pid))
+
+    def check_healthy(self, name: str) -> bool:
+        srv = self.servers[name]
+        if srv.healthy_at is None and srv.proc.poll() is None and health_ok(srv.inst.url):
+            self._became_healthy(srv)
+        return srv.healthy_at is not None
+
+    def last_log_lines(self, name: str) -> str:
+        srv = self.servers[name]
+        return f"({srv.log_path})\n{log_tail(srv.log_path)}"
 
     def stop(self) -> None:
         """Stop every started server: SIGTERM to its whole tree, SIGKILL after the grace."""
@@ -236,20 +290,7 @@ class LocalCluster:
         while time.monotonic() < deadline and any(alive(p) for t in trees.values() for p in t):
             time.sleep(0.2)
         for srv in servers:
-            leftovers = [p for p in trees[srv.proc.pid] if alive(p)]
-            leftovers += [p for p in process_tree(srv.proc.pid) if p not in leftovers]
-            for pid in leftovers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            try:
-                os.killpg(srv.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            srv.proc.wait()
-            if srv.log_file is not None:
-                srv.log_file.close()
+            _kill_now(srv, trees[srv.proc.pid])
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -272,7 +313,7 @@ class LocalCluster:
 
     # -- internals
 
-    def _spawn(self, inst: InstanceConfig) -> ServerProcess:
+    def _spawn(self, inst: InstanceConfig, *, restart: bool = False) -> ServerProcess:
         with self._lock:
             if inst.name in self.servers:
                 raise LaunchError(f"{inst.name} is already running")
@@ -282,8 +323,10 @@ class LocalCluster:
                 (base / sub).mkdir(parents=True, exist_ok=True)
             cmd = server_command(self.config, inst, self.python)
             log_path = base / "server.log"
-            log_file = log_path.open("wb")
-            log_file.write(("# " + " ".join(cmd) + "\n").encode())
+            # A restart appends: the dead server's last lines stay above the new ones.
+            log_file = log_path.open("ab" if restart else "wb")
+            marker = f"# restarted {time.strftime('%Y-%m-%d %H:%M:%S')}\n" if restart else ""
+            log_file.write((marker + "# " + " ".join(cmd) + "\n").encode())
             log_file.flush()
             main_thread = threading.current_thread() is threading.main_thread()
             proc = subprocess.Popen(
@@ -316,7 +359,43 @@ class LocalCluster:
                 )
 
 
+def _kill_now(srv: ServerProcess, tree: list[int]) -> None:
+    """SIGKILL ``tree`` (a snapshot taken while the server lived), anything still in or under its
+    process group, then reap it and close its log."""
+    leftovers = [p for p in tree if alive(p)]
+    leftovers += [p for p in process_tree(srv.proc.pid) if p not in leftovers]
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.killpg(srv.proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    srv.proc.wait()
+    if srv.log_file is not None and not srv.log_file.closed:
+        srv.log_file.close()
+
+
 # ---------------------------------------------------------------- `dualmap-pd launch`
+
+
+STATUS_FILE = "launch-status.json"  # in run_dir: state, pid and restarts of every server
+
+
+def write_status(cluster: LocalCluster, supervisor: Supervisor | None, path: Path) -> None:
+    """The launch status as JSON (tools and benchmarks read pids and restart counts here)."""
+    supervised = supervisor.status() if supervisor is not None else {}
+    servers = {}
+    for name, srv in cluster.servers.items():
+        entry: dict[str, object] = {"role": srv.inst.role, "url": srv.inst.url,
+                                    "pid": srv.proc.pid, "state": "running", "restarts": 0}  # fmt: skip
+        entry.update(supervised.get(name, {}))
+        servers[name] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"launcher_pid": os.getpid(), "servers": servers}, indent=1))
+    tmp.replace(path)  # readers never see half a file
 
 
 def run_launch(
@@ -326,10 +405,13 @@ def run_launch(
     pin: bool = True,
     spinners: str = "idle",
     names: list[str] | None = None,
+    restart: RestartPolicy | None = RestartPolicy(),
     out: IO[str] = sys.stdout,
 ) -> int:
-    """Start the cluster, report when healthy, then supervise until a signal or a crash.
+    """Start the cluster, report when healthy, then supervise until a signal.
 
+    With a ``restart`` policy a server that exits is restarted on its own (scheduler.local.
+    supervisor); with None (``--no-restart``) the first exit stops every server, as before.
     SIGTERM/SIGHUP are turned into SystemExit (SIGINT into KeyboardInterrupt) so the ``finally``
     stops every server; further signals are ignored while stopping, so an impatient
     second Ctrl-C cannot leave half-stopped servers behind.
@@ -340,44 +422,61 @@ def run_launch(
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then never
     # installs its KeyboardInterrupt handler, so `kill -INT` would silently do nothing.
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, _exit) for sig in handled}
     cluster = LocalCluster(config, pin=pin, spinners=spinners)
+    status_path = config.run_dir / STATUS_FILE
     t0 = time.monotonic()
     try:
         cluster.start(names)
-        print(f"started {len(cluster.servers)} server(s); logs in {config.run_dir}/<name>/server.log",
-              file=out, flush=True)  # fmt: skip
+        say(f"started {len(cluster.servers)} server(s); logs in {config.run_dir}/<name>/server.log")
         cluster.wait_healthy(timeout)
-        print(f"all healthy after {time.monotonic() - t0:.1f} s", file=out)
+        say(f"all healthy after {time.monotonic() - t0:.1f} s")
         for srv in cluster.servers.values():
             inst = srv.inst
             events = f" kv-events={inst.kv_events_endpoint}" if inst.kv_events_port else ""
-            print(f"  {inst.name:<12} {inst.role:<7} {inst.url}  pid={srv.proc.pid} "
-                  f"cpus={inst.cpus or '-'} up in {srv.startup_seconds:.1f} s "
-                  f"nixl-spinners={srv.spinning_threads}{events}",
-                  file=out)  # fmt: skip
-        print("Ctrl-C or SIGTERM stops everything.", file=out, flush=True)
-        while True:
-            for srv in cluster.servers.values():
-                code = srv.proc.poll()
-                if code is not None:
-                    print(f"{srv.inst.name} exited with code {code}; last lines of {srv.log_path}:\n"
-                          f"{log_tail(srv.log_path)}", file=out, flush=True)  # fmt: skip
-                    return 1
-            time.sleep(1.0)
+            say(f"  {inst.name:<12} {inst.role:<7} {inst.url}  pid={srv.proc.pid} "
+                f"cpus={inst.cpus or '-'} up in {srv.startup_seconds:.1f} s "
+                f"nixl-spinners={srv.spinning_threads}{events}")  # fmt: skip
+        if restart is None:
+            write_status(cluster, None, status_path)
+            say("Ctrl-C or SIGTERM stops everything; a server that exits stops everything (--no-restart).")
+            while True:
+                for srv in cluster.servers.values():
+                    code = srv.proc.poll()
+                    if code is not None:
+                        say(f"{srv.inst.name} exited with code {code}; last lines of {srv.log_path}:\n"
+                            f"{log_tail(srv.log_path)}")  # fmt: skip
+                        return 1
+                time.sleep(1.0)
+        supervisor = Supervisor(cluster, restart, report=say)
+
+        def changed() -> None:
+            write_status(cluster, supervisor, status_path)
+            say(supervisor.status_line())
+
+        supervisor.on_change = changed
+        write_status(cluster, supervisor, status_path)
+        say(f"Ctrl-C or SIGTERM stops everything. A server that exits is restarted (left down after "
+            f"{restart.max_deaths} deaths in {restart.window_s:.0f} s); status in {status_path}")  # fmt: skip
+        return supervisor.run()
     except LaunchError as exc:
-        print(f"launch failed: {exc}", file=out, flush=True)
+        say(f"launch failed: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
     finally:
         for sig in handled:
             signal.signal(sig, signal.SIG_IGN)
-        print("stopping servers...", file=out, flush=True)
+        say("stopping servers...")
         cluster.stop()
-        print("all servers stopped", file=out, flush=True)
+        say("all servers stopped")
+        with contextlib.suppress(OSError):
+            status_path.unlink()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -69,7 +69,6 @@ class FakeServerConfig:
     model: str = "fake-model"
     first_token_delay_s: float = 0.0
     inter_token_delay_s: float = 0.0
-    eof_delay_s: float = 0.0  # from [DONE] to the end of the stream (a real engine lags a little)
     # None: generate exactly max_tokens (like ignore_eos); an int caps it (like an early EOS).
     max_generated_tokens: int | None = None
     prompt_tokens: int = 1  # reported in usage when the prompt is text (no tokenizer here)
@@ -78,6 +77,9 @@ class FakeServerConfig:
     kv_block_size: int | None = None
     kv_bytes_per_block: int = 0
     nixl_xfer_seconds: float = 0.001  # reported per simulated transfer
+    # Pause between ``data: [DONE]`` and the end of the response: widens the window in which a
+    # client that hangs up right after [DONE] is seen by the proxy before the stream ends.
+    done_linger_s: float = 0.0
 
 
 def fault_by_max_tokens(faults: dict[int, Fault]) -> Callable[[dict[str, Any]], Fault | None]:
@@ -351,7 +353,8 @@ class FakeOpenAIServer:
                      "completion_tokens": n_tokens}
             await response.write(_sse({**base, "choices": [], "usage": usage}))
         await response.write(_sse("[DONE]"))
-        await asyncio.sleep(self.config.eof_delay_s)
+        if self.config.done_linger_s:
+            await asyncio.sleep(self.config.done_linger_s)
         await response.write_eof()
         return response
 
