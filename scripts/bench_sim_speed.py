@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from dualmap_pd.sim import PreparedTrace, SimConfig, Simulator, tile_trace  # noqa: E402
 from dualmap_pd.trace import load_trace  # noqa: E402
 
-DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"
+DEFAULT_TRACE = REPO / "scripts" / "traces" / "synthetic_trace.jsonl"
 
 
 def prepare(path: Path, requests: int, block_size: int, interleave: bool) -> tuple[PreparedTrace, int, float, float]:

@@ -17,15 +17,13 @@ from dualmap_pd import cli
 from dualmap_pd.sim.dataclass_args import add_dataclass_arguments, dataclass_from_args
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTHETIC = REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"
+SYNTHETIC = REPO / "scripts" / "traces" / "synthetic_trace.jsonl"
 SIM_KEYS = {"requests", "ttft_p50", "ttft_p90", "ttft_p99", "slo_attainment", "cache_hit_ratio", "load_cv"}
 MORE_KEYS = {"tpot_p50", "tpot_p90", "kv_bytes_moved", "decisions", "completed"}
 
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not SYNTHETIC.is_file():
-        pytest.skip(f"{SYNTHETIC} not available")
     path = tmp_path_factory.mktemp("trace") / "small.jsonl"
     path.write_text("".join(SYNTHETIC.read_text().splitlines(keepends=True)[:150]))
     return path

@@ -21,15 +21,13 @@ from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.sim.workload import default_warmup
 from dualmap_pd.trace import TraceRecord, load_trace
 
-SYNTHETIC = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
+SYNTHETIC = Path(__file__).resolve().parents[1] / "scripts" / "traces" / "synthetic_trace.jsonl"
 PROFILE = PROFILES["qwen7b-910b4"]
 POLICIES = PREFILL_POLICIES.names()
 
 
 @pytest.fixture(scope="module")
 def small_trace() -> PreparedTrace:
-    if not SYNTHETIC.is_file():
-        pytest.skip(f"{SYNTHETIC} not available")
     return PreparedTrace(load_trace(SYNTHETIC)[:300], "synthetic[:300]")
 
 
