@@ -39,8 +39,13 @@ def test_sim_json_is_exactly_one_object(trace: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # fails on anything but exactly one JSON document
     assert isinstance(out, dict) and SIM_KEYS | MORE_KEYS <= set(out)
-    assert out["requests"] == 150 and out["completed"] == 150 and out["warmup"] == 15
+    # The paper's preparation (default) drops prompts over max_model_len and says so.
+    assert out["dropped_oversized"] > 0 and out["requests"] + out["dropped_oversized"] == 150
+    assert out["completed"] == out["requests"] and out["warmup"] == out["requests"] // 10
+    assert out["workload"]["description"].startswith("paper workload:")
     assert out["decode_instances"] == 2 and out["kv_bytes_moved"] > 0
+    legacy = json.loads(run_cli("sim", "--trace", str(trace), "--no-paper-workload", "--json").stdout)
+    assert legacy["requests"] == 150 and legacy["warmup"] == 15 and legacy["dropped_oversized"] == 0
 
 
 _ALL_POLICIES_JSON = """
