@@ -20,10 +20,12 @@ from dualmap_pd.sim.capacity import CapacityResult
 from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.sim.workload import default_warmup
 from dualmap_pd.trace import TraceRecord, load_trace
+from dualmap_pd.sim.observation import Observation
 from dualmap_pd.workload_prep import WorkloadPrep
 
 SYNTHETIC = Path(__file__).resolve().parents[1] / "scripts" / "traces" / "synthetic_trace.jsonl"
 PROFILE = PROFILES["qwen7b-910b4"]
+EXACT = Observation(realistic_view=False)  # closed forms hold only for the exact, instant view
 POLICIES = PREFILL_POLICIES.names()
 
 
@@ -195,7 +197,7 @@ def fixed_trace(n: int, tokens: int, output: int, gap_ms: float = 1000.0, shared
 
 def test_single_request_prefill_and_decode_times() -> None:
     tokens, output = 8192, 50
-    res = run(fixed_trace(1, tokens, output), policy="dualmap", prefill=1, warmup=0)
+    res = run(fixed_trace(1, tokens, output), policy="dualmap", prefill=1, warmup=0, observation=EXACT)
     (r,) = res.requests
     prefill = PROFILE.prefill_overhead_s + tokens * PROFILE.prefill_s_per_token
     decode = sum(PROFILE.decode_step_base_s + (tokens + 1 + k) * PROFILE.decode_s_per_context_token for k in range(output - 1))
@@ -206,7 +208,7 @@ def test_single_request_prefill_and_decode_times() -> None:
 
 def test_second_identical_prompt_hits_the_cache() -> None:
     tokens = 4096
-    res = run(fixed_trace(2, tokens, 1, shared_prefix=True), policy="dualmap", prefill=1, warmup=0)
+    res = run(fixed_trace(2, tokens, 1, shared_prefix=True), policy="dualmap", prefill=1, warmup=0, observation=EXACT)
     first, second = res.requests
     assert first.hit_tokens == 0 and second.hit_tokens == tokens - 1  # one token is always computed
     loaded = PROFILE.prefill_overhead_s + PROFILE.prefill_s_per_token + (tokens - 1) * PROFILE.cached_s_per_token
@@ -222,7 +224,7 @@ N_QUEUE = 100
 @pytest.mark.parametrize("policy", POLICIES)
 def test_fifo_queue_ttft_is_analytic(policy: str) -> None:
     gap = 1.2
-    res = run(fixed_trace(N_QUEUE, 8192, 1), policy=policy, prefill=1, qps=1 / gap, warmup=0)
+    res = run(fixed_trace(N_QUEUE, 8192, 1), policy=policy, prefill=1, qps=1 / gap, warmup=0, observation=EXACT)
     for k, r in enumerate(res.requests):
         assert r.ttft == pytest.approx(SERVICE_S + k * (SERVICE_S - gap), rel=1e-9)
 
@@ -234,7 +236,7 @@ def test_capacity_search_finds_the_analytic_capacity() -> None:
     trace = fixed_trace(N_QUEUE, 8192, 1)
 
     def run_at(qps: float) -> dict:
-        return run(trace, policy="dualmap", prefill=1, qps=qps, warmup=0, slo_ttft=slo).summary()
+        return run(trace, policy="dualmap", prefill=1, qps=qps, warmup=0, slo_ttft=slo, observation=EXACT).summary()
 
     res = find_capacity("dualmap", run_at, start_qps=0.3, target=target, tolerance=tol)
     assert res.converged

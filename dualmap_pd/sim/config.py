@@ -8,6 +8,8 @@ from types import MappingProxyType
 from typing import Literal
 
 from dualmap_pd.cost import PROFILES, HardwareProfile
+from dualmap_pd.sim.observation import Observation
+from dualmap_pd.sim.replicas import ArrivalSpread
 from dualmap_pd.workload_prep import WorkloadPrep
 
 # HBM left for KV on an engine (for ``kv_usage``, which decode policies read), by profile.
@@ -58,7 +60,21 @@ class SimConfig:
         default_factory=WorkloadPrep,
         metadata={"help": "workload preparation (its fields are options of their own)"},
     )
-    seed: int = _opt(0, "seed of every random choice (policies' tie-breaks, decode sampling)")
+    schedulers: int = _opt(
+        1,
+        "scheduler replicas, each with its own queues and bookings, sharing only what the engines "
+        "publish (KV events, metrics)",
+        metavar="N",
+    )
+    arrival_spread: ArrivalSpread = _opt("round_robin", "how an L4 balancer spreads arrivals over --schedulers")
+    observation: Observation = field(
+        default_factory=Observation,
+        metadata={"help": "what the schedulers see and how late (its fields are options of their own)"},
+    )
+    max_engine_pending: int = _opt(
+        2, "late dispatch: prefills a scheduler lets one engine hold at once", metavar="K"
+    )
+    seed: int = _opt(0, "seed of every random choice (policies' tie-breaks, decode sampling, noise)")
     aggregate_decode: bool = _opt(
         True, "simulate decode-only stretches as one event up to the next completion (exact)"
     )
@@ -94,7 +110,10 @@ class SimConfig:
             )
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown profile {self.profile!r}; known: {', '.join(sorted(PROFILES))}")
-        positive = {"prefill": self.prefill, "tile": self.tile, "slo_ttft": self.slo_ttft}
+        positive = {
+            "prefill": self.prefill, "tile": self.tile, "slo_ttft": self.slo_ttft,
+            "schedulers": self.schedulers, "max_engine_pending": self.max_engine_pending,
+        }  # fmt: skip
         for name in ("decode", "rate_scale", "qps", "requests", "kv_capacity_gib", "prefix_cache_gib"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
@@ -103,6 +122,7 @@ class SimConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         try:
             self.workload.validate()
+            self.observation.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return self
