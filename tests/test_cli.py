@@ -116,16 +116,23 @@ def test_malformed_trace_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_capacity_json_and_plot(trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "att.png"
-    argv = ["capacity", "--trace", str(trace), "--policies", "dualmap", "--prefill", "2", "--tolerance", "0.1", "--json", "--plot", str(png)]
+    argv = ["capacity", "--trace", str(trace), "--policies", "dualmap,round_robin", "--prefill", "2", "--tolerance", "0.1",
+            "--schedulers", "2", "--warmup-qps", "0.5", "--json", "--plot", str(png)]  # fmt: skip
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)
-    assert set(out) == {"dualmap"}
+    assert set(out) == {"dualmap", "round_robin"}
     res = out["dualmap"]
-    assert {"capacity_qps", "slo_attainment_at_capacity", "cache_hit_ratio", "points"} <= set(res)
+    keys = {"capacity_qps", "slo_attainment_at_capacity", "cache_hit_ratio", "attainment_at_1.25x", "attainment_at_1.5x"}
+    assert keys | {"points", "goodput_at_1.25x", "goodput_at_1.5x", "overload_reference"} <= set(res)
     assert res["capacity_qps"] > 0 and res["slo_attainment_at_capacity"] >= 0.9
     assert any(p["qps"] == res["capacity_qps"] and p["passed"] for p in res["points"])
-    assert png.stat().st_size > 0 and "capacity dualmap: qps" in captured.err
+    # Overload rates scale the best baseline's capacity, the same for every policy.
+    ref = out["round_robin"]["capacity_qps"]
+    assert res["overload_reference"] == {"policy": "round_robin", "capacity_qps": ref}
+    assert [p["qps"] for p in res["overload_points"]] == pytest.approx([1.25 * ref, 1.5 * ref])
+    assert 0 <= res["attainment_at_1.5x"] <= 1 and "warm-up" in res["workload"] and "0.5 req/s" in res["workload"]
+    assert png.stat().st_size > 0 and "capacity dualmap: qps" in captured.err and "overload dualmap: 1.5x" in captured.err
 
 
 def test_capacity_rejects_unknown_policy_before_simulating(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:

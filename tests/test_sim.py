@@ -274,3 +274,21 @@ def test_slo_attainment_and_cv() -> None:
     assert coefficient_of_variation([2.0, 2.0, 2.0]) == 0.0
     assert coefficient_of_variation([1.0, 3.0]) == pytest.approx(0.5)
     assert coefficient_of_variation([0.0, 0.0]) == 0.0
+
+
+def test_overload_reference_is_the_best_baseline() -> None:
+    from dualmap_pd.sim.capacity import OverloadPoint, overload_reference
+
+    def res(policy: str, qps: float) -> CapacityResult:
+        return CapacityResult(policy, qps, None, None, [], (qps, None), True)
+
+    results = {n: res(n, q) for n, q in [("dualmap", 9.0), ("min_ttft", 4.0), ("sglang_cache_aware", 5.0)]}
+    ref = overload_reference(results)
+    assert ref is not None and ref.policy == "sglang_cache_aware"  # dualmap is not a baseline
+    assert overload_reference({"dualmap": res("dualmap", 3.0)}).policy == "dualmap"  # type: ignore[union-attr]
+    assert overload_reference({"x": res("round_robin", 0.0)}) is None
+    r = results["dualmap"]
+    r.overload = [OverloadPoint(1.5, 7.5, 0.4, 3.0), OverloadPoint(1.25, 6.25, 0.8, 5.0)]
+    out = r.to_json()
+    assert out["attainment_at_1.25x"] == 0.8 and out["attainment_at_1.5x"] == 0.4 and out["goodput_at_1.5x"] == 3.0
+    assert r.attainment_at(1.25) == 0.8 and r.attainment_at(2.0) is None

@@ -179,6 +179,10 @@ class CapacitySearch:
     tolerance: float = _opt(0.02, "stop when (hi - lo) / lo <= this")
     qps_start: float | None = _opt(None, "first rate probed", metavar="Q", default_doc="the trace's native rate")
     max_probes: int = _opt(40, "give up refining after this many simulations per policy")
+    overload: bool = _opt(
+        True,
+        "also run every policy at 1.25x and 1.5x the best baseline's capacity (SLO attainment, goodput)",
+    )
 
     def validate(self) -> CapacitySearch:
         if not 0 < self.target <= 1:
