@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from bisect import insort
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dualmap_pd.cluster import ClusterView, Role
@@ -155,7 +156,7 @@ class PrefillRouter:
                 st.engine_pending_requests = max(0, st.engine_pending_requests - 1)
                 st.engine_pending_tokens = max(0, st.engine_pending_tokens - uncached)
                 self.policy.on_prefill_done(req, name, self.view, now)
-                if self.policy.late_dispatch and len(st.queue) >= 2:
+                if self.policy.late_dispatch:
                     self.rebalance([name], now)
         return req
 
@@ -191,13 +192,13 @@ class PrefillRouter:
         return waiting
 
     # -- rebalancing ------------------------------------------------------------------------
-    def rebalance(self, check: tuple[str, ...] | list[str], now: float) -> list[Move]:
-        queued = {
-            name: [self._requests[item[2]] for item in self.view[name].queue]
-            for name in check
-            if name in self.view
-        }
-        moves = self.policy.rebalance(self.view, queued, list(queued), now)
+    def rebalance(self, involved: tuple[str, ...] | list[str], now: float) -> list[Move]:
+        """Let the policy move queued requests off hot spots among the instances it wants
+        checked after an event that ``involved`` these."""
+        check = [n for n in self.policy.rebalance_instances(self.view, involved) if n in self.view and len(self.view[n].queue) >= 2]
+        if not check:
+            return []
+        moves = self.policy.rebalance(self.view, _Queues(self), check, now)
         for mv in moves:
             req = self._requests.get(mv.request_id)
             if req is None or req.queued_on != mv.source or mv.target not in self.view:
@@ -235,3 +236,28 @@ class PrefillRouter:
 
     def __len__(self) -> int:
         return len(self._requests)
+
+
+class _Queues(Mapping[str, list[RoutedRequest]]):
+    """Every instance's queued requests, in queue order, built on first access (a rebalancing
+    round looks at a few queues; the cluster may have a thousand)."""
+
+    def __init__(self, router: PrefillRouter) -> None:
+        self._router = router
+        self._built: dict[str, list[RoutedRequest]] = {}
+
+    def __getitem__(self, name: str) -> list[RoutedRequest]:
+        got = self._built.get(name)
+        if got is None:
+            st = self._router.view.get(name)
+            if st is None:
+                raise KeyError(name)
+            reqs = self._router._requests
+            got = self._built[name] = [reqs[item[2]] for item in st.queue]
+        return got
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._router.view.names(Role.PREFILL))
+
+    def __len__(self) -> int:
+        return len(self._router.view.names(Role.PREFILL))

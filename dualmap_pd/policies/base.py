@@ -70,6 +70,10 @@ class PrefillPolicy(ABC):
         """Sort key of a request in an instance's scheduler-side queue (smaller goes first)."""
         return (req.arrival,)
 
+    def rebalance_instances(self, view: ClusterView, involved: Sequence[str]) -> Sequence[str]:
+        """Instances to check for a hot spot on a scheduling event that ``involved`` these."""
+        return involved
+
     def rebalance(
         self,
         view: ClusterView,

@@ -21,10 +21,11 @@ and every placement that needs such a copy emits a migration plan.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from dualmap_pd.cluster import ClusterView, Role
-from dualmap_pd.hotprefix import HotPrefixConfig, HotPrefixDetector
+from dualmap_pd.hotprefix import AUTHORS_EXTEND_SHARE, HotPrefixConfig, HotPrefixDetector
 from dualmap_pd.policies.base import PREFILL_POLICIES, PolicyContext, PrefillPolicy
 from dualmap_pd.policies.migration import MigrationConfig, MigrationPlan, MigrationPlanner
 from dualmap_pd.request import Decision, Move, NoInstanceError, RoutedRequest
@@ -33,6 +34,9 @@ from dualmap_pd.ring import DualRing
 
 @dataclass(frozen=True)
 class DualMapConfig:
+    """Defaults follow the authors' code (DUALMAP.md, "How the authors' code runs its
+    evaluation"); the earlier choices of this project stay available as the named values."""
+
     vnodes: int = 160  # virtual nodes per instance on each ring (authors' MD5 ring)
     # Switch away from the affinity candidate when its estimated TTFT exceeds this fraction of
     # the SLO. The paper's prose says the SLO itself; the authors' code uses SLO / 2.
@@ -41,7 +45,22 @@ class DualMapConfig:
     # or its oldest queued request has waited this long (both from the paper).
     max_queue_wait_s: float = 3.0
     min_queue_to_rebalance: int = 2
-    hot_prefix: HotPrefixConfig = HotPrefixConfig()
+    # Hot-prefix share threshold: the authors' code's 0.0612 (the paper's prose: 2/n, which is
+    # ``HotPrefixConfig(extend_share=None)``).
+    hot_prefix: HotPrefixConfig = field(default_factory=lambda: HotPrefixConfig(extend_share=AUTHORS_EXTEND_SHARE))
+    # Rebalancing gain of a queued request: its TTFT on the source counts the work queued ahead
+    # of it ("position", authors' code) or the source's whole backlog ("backlog", earlier here).
+    rebalance_gain: Literal["position", "backlog"] = "position"
+    # Targets that are overloaded or hold a request waiting >= max_queue_wait_s are skipped, and
+    # a request whose other candidate is unfit tries the neighbour instance (authors' code);
+    # False: the other candidate whatever its state (earlier here).
+    check_targets: bool = True
+    # Instances checked for a hot spot on each scheduling event: "all" (authors' code) or
+    # "involved": the admitted request's candidates and the finishing instance (earlier here).
+    rebalance_scope: Literal["all", "involved"] = "all"
+    # Equal-hit tie-break: fewer running decode blocks (active tokens), then a seeded random pick
+    # ("decode_blocks", authors' code), or pending + active tokens ("pending_and_active", earlier).
+    tiebreak: Literal["decode_blocks", "pending_and_active"] = "decode_blocks"
     # With migration only (policy "dualmap"): the rebalancer may also move a queued request to
     # the least-loaded instance, its prefix copied there, not only to its backup candidate.
     rebalance_to_least_loaded: bool = True
@@ -91,7 +110,10 @@ class DualMapPolicy(PrefillPolicy):
             branch = "affinity"
         else:
             # Equal hits: fewer running KV blocks, then random (authors' rule).
-            load = [view[c].pending_work_tokens() + view[c].active_tokens for c in cands]
+            if self.config.tiebreak == "decode_blocks":
+                load = [view[c].active_tokens for c in cands]
+            else:
+                load = [view[c].pending_work_tokens() + view[c].active_tokens for c in cands]
             pick = 0 if load[0] < load[1] else 1 if load[1] < load[0] else self._rng.randrange(2)
             branch = "load_tiebreak"
         threshold = self.config.switch_fraction * self.ctx.slo_ttft
@@ -115,6 +137,12 @@ class DualMapPolicy(PrefillPolicy):
     def _oldest_wait(self, queued: Sequence[RoutedRequest], now: float) -> float:
         return max((now - r.arrival for r in queued), default=0.0)
 
+    def rebalance_instances(self, view: ClusterView, involved: Sequence[str]) -> Sequence[str]:
+        if self.config.rebalance_scope == "involved":
+            return involved
+        least = self.config.min_queue_to_rebalance
+        return [st.name for st in view.instances(Role.PREFILL) if len(st.queue) >= least]
+
     def rebalance(
         self,
         view: ClusterView,
@@ -123,6 +151,7 @@ class DualMapPolicy(PrefillPolicy):
         now: float,
     ) -> list[Move]:
         cost = self.ctx.cost
+        cfg = self.config
         moves: list[Move] = []
         # Work added to targets by earlier moves of this round (re-estimation).
         added: dict[str, int] = {}
@@ -131,19 +160,22 @@ class DualMapPolicy(PrefillPolicy):
         reach: dict[tuple[str, str], int] = {}
         for src in check:
             reqs = list(queued.get(src, ()))
-            if len(reqs) < self.config.min_queue_to_rebalance or not view[src].healthy:
+            if len(reqs) < cfg.min_queue_to_rebalance or not view[src].healthy:
                 continue
             budget = cost.token_budget(self.ctx.slo_ttft, src)
             src_work = view[src].pending_work_tokens() + added.get(src, 0)
-            aged = self._oldest_wait(reqs, now) >= self.config.max_queue_wait_s
+            aged = self._oldest_wait(reqs, now) >= cfg.max_queue_wait_s
             if src_work <= budget and not aged:
                 continue
             pt_src = cost.per_token_prefill(src)
             while reqs:
                 best: tuple[float, int, str, int] | None = None
                 spare = self._spare_target(src, view, added)
+                ahead = view[src].engine_pending_tokens  # work before each request, in queue order
                 for i, r in enumerate(reqs):
-                    backup = self._backup(r, src, view)
+                    ahead += r.queued_uncached
+                    t_src = pt_src * (ahead if cfg.rebalance_gain == "position" else src_work)
+                    backup = self._move_target(r, src, view, queued, added, now)
                     # A request goes to a spare instance at most once: without that cap,
                     # overloaded clusters bounce requests (and copies of their prefixes) around.
                     for target in (backup, spare) if spare != backup and r.moves == 0 else (backup,):
@@ -154,7 +186,7 @@ class DualMapPolicy(PrefillPolicy):
                             hit_t = reach[r.request_id, target] = self.achievable_hit_tokens(r, target, view, now)
                         unc_t = max(0, r.prompt_tokens - hit_t)
                         t_work = view[target].pending_work_tokens() + added.get(target, 0)
-                        gain = pt_src * src_work - cost.per_token_prefill(target) * (t_work + unc_t)
+                        gain = t_src - cost.per_token_prefill(target) * (t_work + unc_t)
                         if best is None or gain > best[0]:
                             best = (gain, i, target, unc_t)
                 if best is None or best[0] <= 0:
@@ -165,9 +197,50 @@ class DualMapPolicy(PrefillPolicy):
                 src_work -= r.queued_uncached
                 added[src] = added.get(src, 0) - r.queued_uncached
                 added[target] = added.get(target, 0) + unc_t
-                if src_work <= budget and (not reqs or self._oldest_wait(reqs, now) < self.config.max_queue_wait_s):
+                if src_work <= budget and (not reqs or self._oldest_wait(reqs, now) < cfg.max_queue_wait_s):
                     break
         return moves
+
+    def _move_target(
+        self,
+        req: RoutedRequest,
+        src: str,
+        view: ClusterView,
+        queued: Mapping[str, Sequence[RoutedRequest]],
+        added: Mapping[str, int],
+        now: float,
+    ) -> str | None:
+        """Where a queued request may move: its other candidate; with ``check_targets``, only if
+        that one is fit, else the neighbour instance ((source + 1) mod n), else nowhere."""
+        backup = self._backup(req, src, view)
+        if not self.config.check_targets:
+            return backup
+        if backup is not None and self._fit_target(backup, view, queued, added, now):
+            return backup
+        neighbour = self._neighbour(src, view)
+        if neighbour is not None and neighbour != backup and self._fit_target(neighbour, view, queued, added, now):
+            return neighbour
+        return None
+
+    def _neighbour(self, src: str, view: ClusterView) -> str | None:
+        """The next eligible prefill instance after ``src`` in membership order (wrapping)."""
+        names = view.names(Role.PREFILL)
+        if src not in names:
+            return None
+        i = names.index(src)
+        for name in names[i + 1 :] + names[:i]:
+            if view[name].eligible:
+                return name
+        return None
+
+    def _fit_target(
+        self, name: str, view: ClusterView, queued: Mapping[str, Sequence[RoutedRequest]], added: Mapping[str, int], now: float
+    ) -> bool:
+        """Not overloaded (one SLO of work) and no request there waiting >= max_queue_wait_s."""
+        st = view[name]
+        if st.pending_work_tokens() + added.get(name, 0) > self.ctx.cost.token_budget(self.ctx.slo_ttft, name):
+            return False
+        return self._oldest_wait(queued.get(name, ()), now) < self.config.max_queue_wait_s
 
     def achievable_hit_tokens(self, req: RoutedRequest, target: str, view: ClusterView, now: float) -> int:
         """Prompt tokens ``target`` would not compute if ``req`` went there (published: its

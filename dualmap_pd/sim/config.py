@@ -72,7 +72,10 @@ class SimConfig:
         metadata={"help": "what the schedulers see and how late (its fields are options of their own)"},
     )
     max_engine_pending: int = _opt(
-        2, "late dispatch: prefills a scheduler lets one engine hold at once", metavar="K"
+        1,
+        "late dispatch: prefills a scheduler lets one engine hold at once (authors' code: 1; the "
+        "live service's default is 2)",
+        metavar="K",
     )
     seed: int = _opt(0, "seed of every random choice (policies' tie-breaks, decode sampling, noise)")
     aggregate_decode: bool = _opt(
