@@ -155,5 +155,12 @@ def test_every_instance_is_checked_on_each_scheduling_event() -> None:
         assert (router.stats.moves > before) == expect_moves, scope
 
 
-def test_simulator_engine_pending_limit_is_the_authors() -> None:
-    assert SimConfig(trace="t").max_engine_pending == 1
+def test_simulator_engine_pending_limit_reaches_the_router() -> None:
+    from dualmap_pd.sim import PreparedTrace, Simulator
+    from dualmap_pd.trace import TraceRecord
+
+    # The authors send while the engine holds at most one request: our limit counts the running
+    # one too, hence 2 (DUALMAP.md section 2); 1 stays an option.
+    assert SimConfig(trace="t").max_engine_pending == 2
+    tr = PreparedTrace([TraceRecord(0.0, 1024, 1, [1, 2])], "t")
+    assert Simulator(SimConfig(trace="t", max_engine_pending=1), tr).router.limits.max_engine_pending == 1

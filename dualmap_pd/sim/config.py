@@ -72,9 +72,10 @@ class SimConfig:
         metadata={"help": "what the schedulers see and how late (its fields are options of their own)"},
     )
     max_engine_pending: int = _opt(
-        1,
-        "late dispatch: prefills a scheduler lets one engine hold at once (authors' code: 1; the "
-        "live service's default is 2)",
+        2,
+        "late dispatch: prefills (running or waiting) a scheduler lets one engine hold; 2 sends "
+        "while the engine holds at most one, the authors' threshold of 1 checked before sending; "
+        "1: nothing waits in the engine (an idle round trip after each prefill)",
         metavar="K",
     )
     seed: int = _opt(0, "seed of every random choice (policies' tie-breaks, decode sampling, noise)")
