@@ -25,8 +25,9 @@ Pure: no I/O, no clock, no randomness.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from dualmap_pd.options import option
 from dualmap_pd.trace import ArrivalScaling, TraceRecord, arrival_times, native_qps
 
 PAPER_MAX_MODEL_LEN = 20480
@@ -37,8 +38,6 @@ PAPER_WARMUP_QPS = 0.3
 PAPER_WARMUP_MIN_REQUESTS = 2000
 
 
-def _opt(default: object, help: str, **extra: object) -> object:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
@@ -46,30 +45,30 @@ class WorkloadPrep:
     """How a trace becomes a workload. The help texts generate CLI options (``--no-paper-workload``,
     ``--warmup-qps`` ...) wherever a command embeds this class."""
 
-    paper_workload: bool = _opt(
+    paper_workload: bool = option(
         True,
         "prepare the workload as the DualMap authors do: drop requests longer than "
         "--max-model-len, spread same-timestamp groups, warm up at --warmup-qps "
         "(--no-paper-workload: every request, the trace's own timing, warm-up at the target rate)",
     )
-    max_model_len: int | None = _opt(
+    max_model_len: int | None = option(
         None,
         "drop (and count) requests whose prompt + output tokens exceed this",
         metavar="TOKENS",
         default_doc="the hardware profile's or the cluster config's; 20480 in the paper",
     )
-    drop_oversized: bool = _opt(True, "drop requests longer than --max-model-len (paper workload only)")
-    spread_timestamps: bool = _opt(
+    drop_oversized: bool = option(True, "drop requests longer than --max-model-len (paper workload only)")
+    spread_timestamps: bool = option(
         True, "spread requests sharing one trace timestamp evenly up to the next one (paper workload only)"
     )
-    warmup_requests: int | None = _opt(
+    warmup_requests: int | None = option(
         None,
         "the first W requests warm the caches up and are excluded from metrics",
         metavar="W",
         default_doc=f"{PAPER_WARMUP} if at least {PAPER_WARMUP_MIN_REQUESTS} requests are kept, else 10%",
         aliases=("--warmup",),
     )
-    warmup_qps: float | None = _opt(
+    warmup_qps: float | None = option(
         PAPER_WARMUP_QPS,
         "arrival rate of the warm-up requests, req/s (paper: 0.3 conversation, 0.5 tool&agent; "
         "0 = at the target rate; paper workload only)",

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from dualmap_pd.cost import PROFILES, HardwareProfile
+from dualmap_pd.options import option
 from dualmap_pd.sim.observation import Observation
 from dualmap_pd.sim.replicas import ArrivalSpread
 from dualmap_pd.workload_prep import WorkloadPrep
@@ -25,32 +26,30 @@ class ConfigError(ValueError):
     """Invalid settings; the message is one line, fit to show a user."""
 
 
-def _opt(default: object, help: str, **extra: object) -> object:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
 class SimConfig:
     trace: str = field(metadata={"help": "Mooncake-format JSONL trace", "metavar": "PATH"})
-    policy: str = _opt("dualmap", "prefill routing policy (registry name)", metavar="NAME")
-    mode: Mode = _opt(
+    policy: str = option("dualmap", "prefill routing policy (registry name)", metavar="NAME")
+    mode: Mode = option(
         "colocated",
         "colocated: every instance prefills and decodes (the paper's setup); disaggregated: "
         "--prefill prefill + --decode decode instances, KV shipped P->D",
     )
-    prefill: int = _opt(8, "prefill instances (colocated: instances)", metavar="N")
-    decode: int | None = _opt(
+    prefill: int = option(8, "prefill instances (colocated: instances)", metavar="N")
+    decode: int | None = option(
         None, "decode instances (disaggregated only)", metavar="M", default_doc="max(1, N // 2)"
     )
-    decode_policy: str = _opt("power_of_two", "decode-instance policy (disaggregated)", metavar="NAME")
-    rate_scale: float | None = _opt(
+    decode_policy: str = option("power_of_two", "decode-instance policy (disaggregated)", metavar="NAME")
+    rate_scale: float | None = option(
         None, "multiply the trace's arrival rate by X (timestamps / X)", metavar="X"
     )
-    qps: float | None = _opt(None, "rescale arrivals to a mean rate of Q requests/s", metavar="Q")
-    slo_ttft: float = _opt(5.0, "TTFT SLO in seconds (metrics and SLO-aware policies)", metavar="SECONDS")
-    profile: str = _opt("qwen7b-910b4", f"hardware profile ({', '.join(sorted(PROFILES))})")
-    requests: int | None = _opt(None, "simulate only the first K requests", metavar="K", default_doc="all")
-    tile: int = _opt(
+    qps: float | None = option(None, "rescale arrivals to a mean rate of Q requests/s", metavar="Q")
+    slo_ttft: float = option(5.0, "TTFT SLO in seconds (metrics and SLO-aware policies)", metavar="SECONDS")
+    profile: str = option("qwen7b-910b4", f"hardware profile ({', '.join(sorted(PROFILES))})")
+    requests: int | None = option(None, "simulate only the first K requests", metavar="K", default_doc="all")
+    tile: int = option(
         1,
         "repeat the trace T times back to back (shifted timestamps, distinct hash ids) before "
         "--requests applies",
@@ -60,35 +59,35 @@ class SimConfig:
         default_factory=WorkloadPrep,
         metadata={"help": "workload preparation (its fields are options of their own)"},
     )
-    schedulers: int = _opt(
+    schedulers: int = option(
         1,
         "scheduler replicas, each with its own queues and bookings, sharing only what the engines "
         "publish (KV events, metrics)",
         metavar="N",
     )
-    arrival_spread: ArrivalSpread = _opt("round_robin", "how an L4 balancer spreads arrivals over --schedulers")
+    arrival_spread: ArrivalSpread = option("round_robin", "how an L4 balancer spreads arrivals over --schedulers")
     observation: Observation = field(
         default_factory=Observation,
         metadata={"help": "what the schedulers see and how late (its fields are options of their own)"},
     )
-    max_engine_pending: int = _opt(
+    max_engine_pending: int = option(
         2,
         "late dispatch: prefills (running or waiting) a scheduler lets one engine hold; 2 sends "
         "while the engine holds at most one, the authors' threshold of 1 checked before sending; "
         "1: nothing waits in the engine (an idle round trip after each prefill)",
         metavar="K",
     )
-    seed: int = _opt(0, "seed of every random choice (policies' tie-breaks, decode sampling, noise)")
-    aggregate_decode: bool = _opt(
+    seed: int = option(0, "seed of every random choice (policies' tie-breaks, decode sampling, noise)")
+    aggregate_decode: bool = option(
         True, "simulate decode-only stretches as one event up to the next completion (exact)"
     )
-    prefix_cache_gib: float | None = _opt(
+    prefix_cache_gib: float | None = option(
         None,
         "prefix-cache tier per prefill engine, GiB",
         metavar="GIB",
         default_doc="the profile's (qwen7b-910b4: 64)",
     )
-    kv_capacity_gib: float | None = _opt(
+    kv_capacity_gib: float | None = option(
         None,
         "HBM for KV per engine, GiB (only feeds kv_usage, which decode policies read)",
         metavar="GIB",
@@ -178,12 +177,12 @@ class CapacitySearch:
     as the rate rises (true of every run we have looked at; a non-monotone curve would make
     the answer one of its crossing points)."""
 
-    policies: str = _opt("all", "comma-separated policy names, or 'all' (every registered)", metavar="A,B,...")
-    target: float = _opt(0.9, "SLO attainment a rate must reach to count as sustained")
-    tolerance: float = _opt(0.02, "stop when (hi - lo) / lo <= this")
-    qps_start: float | None = _opt(None, "first rate probed", metavar="Q", default_doc="the trace's native rate")
-    max_probes: int = _opt(40, "give up refining after this many simulations per policy")
-    overload: bool = _opt(
+    policies: str = option("all", "comma-separated policy names, or 'all' (every registered)", metavar="A,B,...")
+    target: float = option(0.9, "SLO attainment a rate must reach to count as sustained")
+    tolerance: float = option(0.02, "stop when (hi - lo) / lo <= this")
+    qps_start: float | None = option(None, "first rate probed", metavar="Q", default_doc="the trace's native rate")
+    max_probes: int = option(40, "give up refining after this many simulations per policy")
+    overload: bool = option(
         True,
         "also run every policy at 1.25x and 1.5x the best baseline's capacity (SLO attainment, goodput)",
     )

@@ -26,10 +26,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dualmap_pd.cluster import ClusterView, InstanceState
+from dualmap_pd.options import option
 
 if TYPE_CHECKING:
     from dualmap_pd.sim.simulator import Simulator
@@ -47,30 +48,28 @@ MEASURED_PREFILL_NOISE_CV = 0.34
 LIVE_METRICS_POLL_S = 1.0  # scheduler.intake.engine_metrics.EngineMetricsPoller interval_s
 
 
-def _opt(default: object, help: str, **extra: object) -> object:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
 class Observation:
     """How late and how exactly policies see the cluster (help texts generate CLI options)."""
 
-    realistic_view: bool = _opt(
+    realistic_view: bool = option(
         True,
         "policies see the cluster through the live scheduler's channels (delayed KV events, polled "
         "metrics, dispatch round trips, noisy prefill times); --no-realistic-view: the exact, "
         "instant view",
     )
-    kv_event_delay_s: float = _opt(
+    kv_event_delay_s: float = option(
         MEASURED_KV_EVENT_DELAY_S, "engine stores a block -> the schedulers' views know it", metavar="S"
     )
-    metrics_poll_s: float = _opt(
+    metrics_poll_s: float = option(
         LIVE_METRICS_POLL_S, "engine-metrics poll period (0: every change at once)", metavar="S"
     )
-    dispatch_rtt_s: float = _opt(
+    dispatch_rtt_s: float = option(
         MEASURED_DISPATCH_RTT_S, "HTTP round trip of a prefill leg (half to the engine, half back)", metavar="S"
     )
-    prefill_noise_cv: float = _opt(
+    prefill_noise_cv: float = option(
         MEASURED_PREFILL_NOISE_CV,
         "coefficient of variation of real prefill-step time around the cost model's estimate",
         metavar="CV",
