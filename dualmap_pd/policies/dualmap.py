@@ -158,6 +158,8 @@ class DualMapPolicy(PrefillPolicy):
         # (request, target) -> tokens the target would not compute: fixed for the round (moves
         # change loads, not caches), and with migration each one prices a possible copy.
         reach: dict[tuple[str, str], int] = {}
+        # Oldest wait per instance, for this round (moves only shorten a source's queue).
+        oldest = _OldestWait(queued, now)
         for src in check:
             reqs = list(queued.get(src, ()))
             if len(reqs) < cfg.min_queue_to_rebalance or not view[src].healthy:
@@ -168,6 +170,8 @@ class DualMapPolicy(PrefillPolicy):
             if src_work <= budget and not aged:
                 continue
             pt_src = cost.per_token_prefill(src)
+            neighbour = self._neighbour(src, view) if cfg.check_targets else None
+            fit: dict[str, bool] = {}  # target fitness, until a move changes its load
             while reqs:
                 best: tuple[float, int, str, int] | None = None
                 spare = self._spare_target(src, view, added)
@@ -175,7 +179,7 @@ class DualMapPolicy(PrefillPolicy):
                 for i, r in enumerate(reqs):
                     ahead += r.queued_uncached
                     t_src = pt_src * (ahead if cfg.rebalance_gain == "position" else src_work)
-                    backup = self._move_target(r, src, view, queued, added, now)
+                    backup = self._move_target(r, src, neighbour, view, oldest, added, fit)
                     # A request goes to a spare instance at most once: without that cap,
                     # overloaded clusters bounce requests (and copies of their prefixes) around.
                     for target in (backup, spare) if spare != backup and r.moves == 0 else (backup,):
@@ -197,6 +201,7 @@ class DualMapPolicy(PrefillPolicy):
                 src_work -= r.queued_uncached
                 added[src] = added.get(src, 0) - r.queued_uncached
                 added[target] = added.get(target, 0) + unc_t
+                fit.pop(target, None)
                 if src_work <= budget and (not reqs or self._oldest_wait(reqs, now) < cfg.max_queue_wait_s):
                     break
         return moves
@@ -205,21 +210,25 @@ class DualMapPolicy(PrefillPolicy):
         self,
         req: RoutedRequest,
         src: str,
+        neighbour: str | None,
         view: ClusterView,
-        queued: Mapping[str, Sequence[RoutedRequest]],
+        oldest: _OldestWait,
         added: Mapping[str, int],
-        now: float,
+        fit: dict[str, bool],
     ) -> str | None:
         """Where a queued request may move: its other candidate; with ``check_targets``, only if
         that one is fit, else the neighbour instance ((source + 1) mod n), else nowhere."""
         backup = self._backup(req, src, view)
         if not self.config.check_targets:
             return backup
-        if backup is not None and self._fit_target(backup, view, queued, added, now):
-            return backup
-        neighbour = self._neighbour(src, view)
-        if neighbour is not None and neighbour != backup and self._fit_target(neighbour, view, queued, added, now):
-            return neighbour
+        for target in (backup, neighbour):
+            if target is None:
+                continue
+            ok = fit.get(target)
+            if ok is None:
+                ok = fit[target] = self._fit_target(target, view, oldest, added)
+            if ok:
+                return target
         return None
 
     def _neighbour(self, src: str, view: ClusterView) -> str | None:
@@ -233,14 +242,12 @@ class DualMapPolicy(PrefillPolicy):
                 return name
         return None
 
-    def _fit_target(
-        self, name: str, view: ClusterView, queued: Mapping[str, Sequence[RoutedRequest]], added: Mapping[str, int], now: float
-    ) -> bool:
+    def _fit_target(self, name: str, view: ClusterView, oldest: _OldestWait, added: Mapping[str, int]) -> bool:
         """Not overloaded (one SLO of work) and no request there waiting >= max_queue_wait_s."""
         st = view[name]
         if st.pending_work_tokens() + added.get(name, 0) > self.ctx.cost.token_budget(self.ctx.slo_ttft, name):
             return False
-        return self._oldest_wait(queued.get(name, ()), now) < self.config.max_queue_wait_s
+        return oldest[name] < self.config.max_queue_wait_s
 
     def achievable_hit_tokens(self, req: RoutedRequest, target: str, view: ClusterView, now: float) -> int:
         """Prompt tokens ``target`` would not compute if ``req`` went there (published: its
@@ -259,6 +266,21 @@ class DualMapPolicy(PrefillPolicy):
                 return c
         excl = set(self._excluded) | {src}
         return self.rings.ring_b.lookup(req.routing_key(self.hot.key_depth(req.block_hashes)), excl)
+
+
+class _OldestWait:
+    """How long the oldest queued request of each instance has waited, computed once per
+    rebalancing round (a queue is ordered by hit, not age, so it takes a scan)."""
+
+    def __init__(self, queued: Mapping[str, Sequence[RoutedRequest]], now: float) -> None:
+        self._queued, self._now = queued, now
+        self._memo: dict[str, float] = {}
+
+    def __getitem__(self, name: str) -> float:
+        got = self._memo.get(name)
+        if got is None:
+            got = self._memo[name] = max((self._now - r.arrival for r in self._queued.get(name, ())), default=0.0)
+        return got
 
 
 @PREFILL_POLICIES.register
