@@ -228,6 +228,10 @@ class PrefillRouter:
         return plans
 
     # -- introspection ----------------------------------------------------------------------
+    def placed(self, request_id: str) -> tuple[str, int] | None:
+        """(instance, uncached tokens booked) of a dispatched request whose prefill is not done."""
+        return self._in_engine.get(request_id)
+
     def get(self, request_id: str) -> RoutedRequest | None:
         return self._requests.get(request_id)
 

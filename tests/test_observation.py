@@ -139,3 +139,19 @@ def test_observation_settings_are_validated() -> None:
         SimConfig(trace=__file__, observation=Observation(kv_event_delay_s=-1)).validate()
     with pytest.raises(ConfigError, match="schedulers"):
         SimConfig(trace=__file__, schedulers=0).validate()
+
+
+def test_book_on_accept_hides_a_dispatch_for_a_round_trip() -> None:
+    # Two requests 10 ms apart on one instance, late dispatch (DualMap): booked at dispatch, the
+    # second sees the first's pending work; booked on accept (authors' code), it does not yet.
+    tr = PreparedTrace([TraceRecord(0.0, TOKENS, 1, list(range(8))), TraceRecord(10.0, TOKENS, 1, list(range(8, 16)))], "obs")
+    seen = {}
+    for late in (False, True):
+        s = sim(tr, Observation(**{**ONLY, "dispatch_rtt_s": 0.2, "book_on_accept": late}), prefill=1)
+        pending: list[int] = []
+        admit = s.router.admit
+        s.router.admit = lambda req, now: (pending.append(s.view["p0"].engine_pending_tokens), admit(req, now))[1]  # type: ignore[method-assign]
+        s.run()
+        assert s.view["p0"].engine_pending_tokens == 0 and s.view["p0"].engine_pending_requests == 0  # all released
+        seen[late] = pending[1]
+    assert seen[False] == TOKENS and seen[True] == 0

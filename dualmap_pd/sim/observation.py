@@ -10,7 +10,9 @@ each with its own lag, and the simulator gives every policy exactly these channe
   polls a scheduler adds its own decode bookings, as the live ``acquire_decode`` does.
 * **Dispatch**: a dispatched prefill reaches its engine half a round trip later, and the
   scheduler hears it finished half a round trip after it did (the HTTP response), so its queues
-  and bookings run ``dispatch_rtt_s`` behind the engine.
+  and bookings run ``dispatch_rtt_s`` behind the engine. A scheduler books a dispatch at once
+  (the live ``PrefillRouter``); ``book_on_accept`` books it only a round trip later, as the
+  authors' code does, so decisions in between see the engine's budget without it.
 * **Prefill time**: the engine's prefill steps take the cost model's time times a seeded
   lognormal factor of mean 1 and coefficient of variation ``prefill_noise_cv``, while schedulers
   keep estimating with the cost model alone.
@@ -69,6 +71,11 @@ class Observation:
     dispatch_rtt_s: float = option(
         MEASURED_DISPATCH_RTT_S, "HTTP round trip of a prefill leg (half to the engine, half back)", metavar="S"
     )
+    book_on_accept: bool = option(
+        False,
+        "a scheduler books a dispatch on its engine only once the engine answered (a round trip "
+        "later), as the DualMap authors' code does; default: at dispatch, as the live scheduler does",
+    )
     prefill_noise_cv: float = option(
         MEASURED_PREFILL_NOISE_CV,
         "coefficient of variation of real prefill-step time around the cost model's estimate",
@@ -87,7 +94,7 @@ class Observation:
         """The settings that apply: all zero for the exact view."""
         if self.realistic_view:
             return self
-        return Observation(False, 0.0, 0.0, 0.0, 0.0)
+        return Observation(False, 0.0, 0.0, 0.0, False, 0.0)
 
     def describe(self) -> str:
         e = self.effective
@@ -95,7 +102,8 @@ class Observation:
             return "exact, instant view"
         return (
             f"KV events +{e.kv_event_delay_s * 1e3:g} ms, metrics every {e.metrics_poll_s:g} s, "
-            f"dispatch RTT {e.dispatch_rtt_s * 1e3:g} ms, prefill noise CV {e.prefill_noise_cv:g}"
+            f"dispatch RTT {e.dispatch_rtt_s * 1e3:g} ms{' (booked on accept)' if e.book_on_accept else ''}, "
+            f"prefill noise CV {e.prefill_noise_cv:g}"
         )
 
 

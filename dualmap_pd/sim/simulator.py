@@ -45,7 +45,7 @@ from dualmap_pd.sim.events import (
     PrefillsReported,
     StepDone,
 )
-from dualmap_pd.sim.observation import Observer
+from dualmap_pd.sim.observation import Deliver, Observer
 from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.sim.replicas import ArrivalBalancer, Replica, build_replicas
 from dualmap_pd.sim.state import SimRequest
@@ -146,6 +146,7 @@ class Simulator:
         truth.update({n: InstanceState(n, Role.DECODE) for n in self.decode_names})
         self.observer = Observer(self, config.observation, [r.view for r in self.replicas], truth, config.seed)
         self.half_rtt = self.observer.half_rtt
+        self.book_late = self.observer.obs.book_on_accept and self.half_rtt > 0
         self.engines: dict[str, Engine] = {}
         for name in self.prefill_names:
             cache = PrefixCache(config.prefix_cache_blocks)
@@ -300,6 +301,8 @@ class Simulator:
             engine = self.engines[name]
             view[name].inflight_requests += 1
             req = self._live[routed.request_id]
+            if self.book_late:
+                self._book_on_accept(replica, routed.request_id, name, now)
             if self.half_rtt > 0:  # the prefill leg reaches the engine half a round trip later
                 self.schedule(now + self.half_rtt, EngineReceives(req, engine))
                 continue
@@ -307,6 +310,23 @@ class Simulator:
             touched[name] = engine
         for engine in touched.values():
             self._kick(engine, now)
+
+    def _book_on_accept(self, replica: Replica, request_id: str, name: str, now: float) -> None:
+        """Undo the router's booking of a dispatch until the engine's answer (a round trip
+        later). The prefill's finish is heard at least that late, so it never comes first."""
+        placed = replica.router.placed(request_id)
+        if placed is None:
+            return
+        st = replica.view[name]
+        uncached = placed[1]
+        st.engine_pending_requests -= 1
+        st.engine_pending_tokens -= uncached
+
+        def book() -> None:
+            st.engine_pending_requests += 1
+            st.engine_pending_tokens += uncached
+
+        self.schedule(now + 2 * self.half_rtt, Deliver(book))
 
     def _kick(self, engine: Engine, now: float) -> None:
         """Let an engine see new work: start a step if idle, else cut a decode run short."""
