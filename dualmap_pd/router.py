@@ -57,6 +57,10 @@ class PrefillRouter:
         self._seq = 0
         # Prefix-migration plans emitted and not yet taken by their executor (take_migrations).
         self._migrations: list[MigrationPlan] = []
+        # Instances whose queue holds >= 2 requests (the only ones rebalancing can relieve), and
+        # each instance's position in the view, to list them in view order without a scan.
+        self._long_queues: set[str] = set()
+        self._position: dict[str, int] = {}
         self._membership_seen = -1
         self.sync_membership()
 
@@ -65,6 +69,8 @@ class PrefillRouter:
         """Tell the policy about joins, leaves, health and draining changes (cheap if none)."""
         if self._membership_seen != self.view.membership_version:
             self._membership_seen = self.view.membership_version
+            self._position = {name: i for i, name in enumerate(self.view.names())}
+            self._long_queues &= self._position.keys()
             self.policy.on_membership_change(self.view)
 
     # -- admission --------------------------------------------------------------------------
@@ -96,6 +102,8 @@ class PrefillRouter:
         self._seq += 1
         insort(st.queue, (self.policy.queue_priority(req, instance, self.view), self._seq, req.request_id))
         st.queued_uncached_tokens += req.queued_uncached
+        if len(st.queue) == 2:
+            self._long_queues.add(instance)
 
     def _dequeue(self, req: RoutedRequest) -> None:
         instance = req.queued_on
@@ -107,6 +115,8 @@ class PrefillRouter:
                 del st.queue[i]
                 break
         st.queued_uncached_tokens -= req.queued_uncached
+        if len(st.queue) < 2:
+            self._long_queues.discard(instance)
         req.queued_on = None
         req.queued_uncached = 0
 
@@ -195,7 +205,10 @@ class PrefillRouter:
     def rebalance(self, involved: tuple[str, ...] | list[str], now: float) -> list[Move]:
         """Let the policy move queued requests off hot spots among the instances it wants
         checked after an event that ``involved`` these."""
-        check = [n for n in self.policy.rebalance_instances(self.view, involved) if n in self.view and len(self.view[n].queue) >= 2]
+        self.sync_membership()
+        position = self._position
+        long_queues = sorted((n for n in self._long_queues if n in position), key=position.__getitem__)
+        check = [n for n in self.policy.rebalance_instances(involved, long_queues) if n in self.view and len(self.view[n].queue) >= 2]
         if not check:
             return []
         moves = self.policy.rebalance(self.view, _Queues(self), check, now)

@@ -137,11 +137,9 @@ class DualMapPolicy(PrefillPolicy):
     def _oldest_wait(self, queued: Sequence[RoutedRequest], now: float) -> float:
         return max((now - r.arrival for r in queued), default=0.0)
 
-    def rebalance_instances(self, view: ClusterView, involved: Sequence[str]) -> Sequence[str]:
-        if self.config.rebalance_scope == "involved":
-            return involved
-        least = self.config.min_queue_to_rebalance
-        return [st.name for st in view.instances(Role.PREFILL) if len(st.queue) >= least]
+    def rebalance_instances(self, involved: Sequence[str], long_queues: Sequence[str]) -> Sequence[str]:
+        # min_queue_to_rebalance >= 2 is checked per source in rebalance().
+        return involved if self.config.rebalance_scope == "involved" else long_queues
 
     def rebalance(
         self,
