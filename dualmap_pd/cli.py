@@ -23,6 +23,7 @@ from dualmap_pd.sim.config import CAPACITY_EXCLUDED, CapacitySearch, ConfigError
 from dualmap_pd.sim.dataclass_args import add_dataclass_arguments, dataclass_from_args
 
 if TYPE_CHECKING:
+    from dualmap_pd.sim.capacity import CapacityResult
     from dualmap_pd.sim.workload import PreparedTrace
 
 PLUGIN_GROUP = "dualmap_pd.commands"
@@ -167,12 +168,29 @@ def _run_capacity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({name: res.to_json() for name, res in results.items()}))
     else:
-        print(f"{'policy':<20}{'capacity qps':>14}{'SLO att.':>10}{'hit ratio':>11}{'probes':>8}")
-        for name, res in results.items():
-            att = "-" if res.slo_attainment_at_capacity is None else f"{res.slo_attainment_at_capacity:.1%}"
-            hit = "-" if res.cache_hit_ratio is None else f"{res.cache_hit_ratio:.1%}"
-            print(f"{name:<20}{res.capacity_qps:>14.3f}{att:>10}{hit:>11}{len(res.points):>8}")
+        print(format_capacity_table(results))
     return 0
+
+
+def format_capacity_table(results: dict[str, CapacityResult]) -> str:
+    """One row per policy: capacity, attainment and hit ratio there, attainment under overload."""
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    lines = [f"{'policy':<20}{'capacity qps':>14}{'SLO att.':>10}{'hit ratio':>11}{'att@1.25x':>11}{'att@1.5x':>10}{'probes':>8}"]
+    for name, res in results.items():
+        lines.append(
+            f"{name:<20}{res.capacity_qps:>14.3f}{pct(res.slo_attainment_at_capacity):>10}{pct(res.cache_hit_ratio):>11}"
+            f"{pct(res.attainment_at(1.25)):>11}{pct(res.attainment_at(1.5)):>10}{len(res.points):>8}"
+        )
+    ref = next((r.overload_reference for r in results.values() if r.overload_reference), None)
+    if ref is not None:
+        lines.append(f"overload rates: 1.25x and 1.5x of {ref[0]}'s capacity {ref[1]:.3f} req/s")
+    workload = next((r.workload for r in results.values() if r.workload), "")
+    if workload:
+        lines.append(workload)
+    return "\n".join(lines)
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -184,6 +202,7 @@ def format_summary(s: dict[str, Any]) -> str:
         + (f" + {s['decode_instances']} decode" if s["decode_instances"] else "")
         + f", {s['profile']}) at {s['offered_qps']:.3f} req/s",
         f"requests {s['requests']} (completed {s['completed']}, warm-up {s['warmup']}, measured {s['measured_requests']})",
+        *([s["workload"]["description"]] if s.get("workload") else []),
         f"TTFT ms  p50 {ms(s['ttft_p50'])}  p90 {ms(s['ttft_p90'])}  p99 {ms(s['ttft_p99'])}   "
         f"TPOT ms  p50 {ms(s['tpot_p50'])}  p90 {ms(s['tpot_p90'])}",
         f"SLO ({s['slo_ttft']:g} s) attainment {s['slo_attainment']:.1%}   cache hit {s['cache_hit_ratio']:.1%}   "

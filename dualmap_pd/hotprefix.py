@@ -17,11 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+# The hot-prefix share threshold in the authors' code (the paper's prose says 2/n instead).
+AUTHORS_EXTEND_SHARE = 0.0612
+
+
 @dataclass(frozen=True)
 class HotPrefixConfig:
     window: int = 200  # requests in the sliding window (paper: last 200)
     min_window: int = 20  # no decision before this many requests were seen
-    extend_share: float | None = None  # None: 2 / number of instances (paper)
+    extend_share: float | None = None  # None: 2 / number of instances (paper's prose)
     shrink_share: float = 0.02  # release a hot prefix below this share (authors' code)
     base_depth: int = 1  # default key depth in blocks
     max_depth: int = 64  # cap on the key depth in blocks

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from bisect import insort
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dualmap_pd.cluster import ClusterView, Role
@@ -56,6 +57,10 @@ class PrefillRouter:
         self._seq = 0
         # Prefix-migration plans emitted and not yet taken by their executor (take_migrations).
         self._migrations: list[MigrationPlan] = []
+        # Instances whose queue holds >= 2 requests (the only ones rebalancing can relieve), and
+        # each instance's position in the view, to list them in view order without a scan.
+        self._long_queues: set[str] = set()
+        self._position: dict[str, int] = {}
         self._membership_seen = -1
         self.sync_membership()
 
@@ -64,6 +69,8 @@ class PrefillRouter:
         """Tell the policy about joins, leaves, health and draining changes (cheap if none)."""
         if self._membership_seen != self.view.membership_version:
             self._membership_seen = self.view.membership_version
+            self._position = {name: i for i, name in enumerate(self.view.names())}
+            self._long_queues &= self._position.keys()
             self.policy.on_membership_change(self.view)
 
     # -- admission --------------------------------------------------------------------------
@@ -95,6 +102,8 @@ class PrefillRouter:
         self._seq += 1
         insort(st.queue, (self.policy.queue_priority(req, instance, self.view), self._seq, req.request_id))
         st.queued_uncached_tokens += req.queued_uncached
+        if len(st.queue) == 2:
+            self._long_queues.add(instance)
 
     def _dequeue(self, req: RoutedRequest) -> None:
         instance = req.queued_on
@@ -106,6 +115,8 @@ class PrefillRouter:
                 del st.queue[i]
                 break
         st.queued_uncached_tokens -= req.queued_uncached
+        if len(st.queue) < 2:
+            self._long_queues.discard(instance)
         req.queued_on = None
         req.queued_uncached = 0
 
@@ -155,7 +166,7 @@ class PrefillRouter:
                 st.engine_pending_requests = max(0, st.engine_pending_requests - 1)
                 st.engine_pending_tokens = max(0, st.engine_pending_tokens - uncached)
                 self.policy.on_prefill_done(req, name, self.view, now)
-                if self.policy.late_dispatch and len(st.queue) >= 2:
+                if self.policy.late_dispatch:
                     self.rebalance([name], now)
         return req
 
@@ -191,13 +202,16 @@ class PrefillRouter:
         return waiting
 
     # -- rebalancing ------------------------------------------------------------------------
-    def rebalance(self, check: tuple[str, ...] | list[str], now: float) -> list[Move]:
-        queued = {
-            name: [self._requests[item[2]] for item in self.view[name].queue]
-            for name in check
-            if name in self.view
-        }
-        moves = self.policy.rebalance(self.view, queued, list(queued), now)
+    def rebalance(self, involved: tuple[str, ...] | list[str], now: float) -> list[Move]:
+        """Let the policy move queued requests off hot spots among the instances it wants
+        checked after an event that ``involved`` these."""
+        self.sync_membership()
+        position = self._position
+        long_queues = sorted((n for n in self._long_queues if n in position), key=position.__getitem__)
+        check = [n for n in self.policy.rebalance_instances(involved, long_queues) if n in self.view and len(self.view[n].queue) >= 2]
+        if not check:
+            return []
+        moves = self.policy.rebalance(self.view, _Queues(self), check, now)
         for mv in moves:
             req = self._requests.get(mv.request_id)
             if req is None or req.queued_on != mv.source or mv.target not in self.view:
@@ -227,6 +241,10 @@ class PrefillRouter:
         return plans
 
     # -- introspection ----------------------------------------------------------------------
+    def placed(self, request_id: str) -> tuple[str, int] | None:
+        """(instance, uncached tokens booked) of a dispatched request whose prefill is not done."""
+        return self._in_engine.get(request_id)
+
     def get(self, request_id: str) -> RoutedRequest | None:
         return self._requests.get(request_id)
 
@@ -235,3 +253,28 @@ class PrefillRouter:
 
     def __len__(self) -> int:
         return len(self._requests)
+
+
+class _Queues(Mapping[str, list[RoutedRequest]]):
+    """Every instance's queued requests, in queue order, built on first access (a rebalancing
+    round looks at a few queues; the cluster may have a thousand)."""
+
+    def __init__(self, router: PrefillRouter) -> None:
+        self._router = router
+        self._built: dict[str, list[RoutedRequest]] = {}
+
+    def __getitem__(self, name: str) -> list[RoutedRequest]:
+        got = self._built.get(name)
+        if got is None:
+            st = self._router.view.get(name)
+            if st is None:
+                raise KeyError(name)
+            reqs = self._router._requests
+            got = self._built[name] = [reqs[item[2]] for item in st.queue]
+        return got
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._router.view.names(Role.PREFILL))
+
+    def __len__(self) -> int:
+        return len(self._router.view.names(Role.PREFILL))

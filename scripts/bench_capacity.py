@@ -4,7 +4,10 @@ Capacity = the highest arrival rate (QPS) at which >= 90% of the measured reques
 TTFT SLO (5 s), found per policy by bracketing + bisection to 2% (each probe a full simulation).
 Setting: the synthetic Mooncake trace, the paper's profile (qwen7b-910b4), 8 prefill instances;
 disaggregated runs add 4 decode instances (2:1 P:D; the decode side does not bound TTFT in the
-model, it only has to be large enough not to distort TPOT). Warm-up: the paper's 500 requests.
+model, it only has to be large enough not to distort TPOT). Workload: the paper's preparation
+(dualmap_pd/workload_prep.py: oversized requests dropped, 500 warm-up requests at 0.3 req/s);
+observation: the measured live channels (sim/observation.py). Every policy also runs at 1.25x and
+1.5x the best baseline's capacity (overload attainment).
 
 Writes results/capacity_<trace>.json (and PNG plots with --plot) and prints the table.
 
@@ -29,14 +32,14 @@ from dualmap_pd.sim.capacity import CapacityResult  # noqa: E402
 from dualmap_pd.sim.sweep import CapacityJob, run_capacity_jobs  # noqa: E402
 from dualmap_pd.trace import native_qps  # noqa: E402
 
-DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"
+DEFAULT_TRACE = REPO / "scripts" / "traces" / "synthetic_trace.jsonl"
 MODES = ("colocated", "disaggregated")
 
 
 def table(mode: str, results: dict[str, CapacityResult]) -> str:
     lines = [
         f"== {mode} ==",
-        f"{'policy':<20}{'capacity':>10}{'SLO att.':>10}{'hit':>8}{'p90 TTFT':>10}{'load CV':>9}{'probes':>8}",
+        f"{'policy':<20}{'capacity':>10}{'SLO att.':>10}{'hit':>8}{'p90 TTFT':>10}{'load CV':>9}{'att@1.25x':>11}{'att@1.5x':>10}{'probes':>8}",
     ]
     for name, res in sorted(results.items(), key=lambda kv: -kv[1].capacity_qps):
         at = next((p for p in res.points if p.qps == res.capacity_qps), None)
@@ -44,7 +47,8 @@ def table(mode: str, results: dict[str, CapacityResult]) -> str:
         hit = f"{res.cache_hit_ratio:.1%}" if res.cache_hit_ratio is not None else "-"
         p90 = f"{at.ttft_p90:.2f}" if at and at.ttft_p90 is not None else "-"
         cv = f"{at.extra.get('load_cv', 0):.3f}" if at else "-"
-        lines.append(f"{name:<20}{res.capacity_qps:>10.3f}{att:>10}{hit:>8}{p90:>10}{cv:>9}{len(res.points):>8}")
+        over = [f"{v:.1%}" if v is not None else "-" for v in (res.attainment_at(1.25), res.attainment_at(1.5))]
+        lines.append(f"{name:<20}{res.capacity_qps:>10.3f}{att:>10}{hit:>8}{p90:>10}{cv:>9}{over[0]:>11}{over[1]:>10}{len(res.points):>8}")
     if "dualmap" in results:
         best = max((r for n, r in results.items() if n != "dualmap"), key=lambda r: r.capacity_qps, default=None)
         if best is not None and best.capacity_qps > 0:

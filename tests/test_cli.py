@@ -17,15 +17,13 @@ from dualmap_pd import cli
 from dualmap_pd.sim.dataclass_args import add_dataclass_arguments, dataclass_from_args
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTHETIC = REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"
+SYNTHETIC = REPO / "scripts" / "traces" / "synthetic_trace.jsonl"
 SIM_KEYS = {"requests", "ttft_p50", "ttft_p90", "ttft_p99", "slo_attainment", "cache_hit_ratio", "load_cv"}
 MORE_KEYS = {"tpot_p50", "tpot_p90", "kv_bytes_moved", "decisions", "completed"}
 
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not SYNTHETIC.is_file():
-        pytest.skip(f"{SYNTHETIC} not available")
     path = tmp_path_factory.mktemp("trace") / "small.jsonl"
     path.write_text("".join(SYNTHETIC.read_text().splitlines(keepends=True)[:150]))
     return path
@@ -41,8 +39,13 @@ def test_sim_json_is_exactly_one_object(trace: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # fails on anything but exactly one JSON document
     assert isinstance(out, dict) and SIM_KEYS | MORE_KEYS <= set(out)
-    assert out["requests"] == 150 and out["completed"] == 150 and out["warmup"] == 15
+    # The paper's preparation (default) drops prompts over max_model_len and says so.
+    assert out["dropped_oversized"] > 0 and out["requests"] + out["dropped_oversized"] == 150
+    assert out["completed"] == out["requests"] and out["warmup"] == out["requests"] // 10
+    assert out["workload"]["description"].startswith("paper workload:")
     assert out["decode_instances"] == 2 and out["kv_bytes_moved"] > 0
+    legacy = json.loads(run_cli("sim", "--trace", str(trace), "--no-paper-workload", "--json").stdout)
+    assert legacy["requests"] == 150 and legacy["warmup"] == 15 and legacy["dropped_oversized"] == 0
 
 
 _ALL_POLICIES_JSON = """
@@ -113,16 +116,23 @@ def test_malformed_trace_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_capacity_json_and_plot(trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "att.png"
-    argv = ["capacity", "--trace", str(trace), "--policies", "dualmap", "--prefill", "2", "--tolerance", "0.1", "--json", "--plot", str(png)]
+    argv = ["capacity", "--trace", str(trace), "--policies", "dualmap,round_robin", "--prefill", "2", "--tolerance", "0.1",
+            "--schedulers", "2", "--warmup-qps", "0.5", "--json", "--plot", str(png)]  # fmt: skip
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)
-    assert set(out) == {"dualmap"}
+    assert set(out) == {"dualmap", "round_robin"}
     res = out["dualmap"]
-    assert {"capacity_qps", "slo_attainment_at_capacity", "cache_hit_ratio", "points"} <= set(res)
+    keys = {"capacity_qps", "slo_attainment_at_capacity", "cache_hit_ratio", "attainment_at_1.25x", "attainment_at_1.5x"}
+    assert keys | {"points", "goodput_at_1.25x", "goodput_at_1.5x", "overload_reference"} <= set(res)
     assert res["capacity_qps"] > 0 and res["slo_attainment_at_capacity"] >= 0.9
     assert any(p["qps"] == res["capacity_qps"] and p["passed"] for p in res["points"])
-    assert png.stat().st_size > 0 and "capacity dualmap: qps" in captured.err
+    # Overload rates scale the best baseline's capacity, the same for every policy.
+    ref = out["round_robin"]["capacity_qps"]
+    assert res["overload_reference"] == {"policy": "round_robin", "capacity_qps": ref}
+    assert [p["qps"] for p in res["overload_points"]] == pytest.approx([1.25 * ref, 1.5 * ref])
+    assert 0 <= res["attainment_at_1.5x"] <= 1 and "warm-up" in res["workload"] and "0.5 req/s" in res["workload"]
+    assert png.stat().st_size > 0 and "capacity dualmap: qps" in captured.err and "overload dualmap: 1.5x" in captured.err
 
 
 def test_capacity_rejects_unknown_policy_before_simulating(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -64,7 +64,7 @@ def test_slo_violation_takes_the_faster_when_both_are_over():
 
 
 def test_equal_hits_go_to_the_less_loaded():
-    view, pol, _ = setup()
+    view, pol, _ = setup(tiebreak="pending_and_active")
     req = make_request("r", [9, 9])
     _, (a, b) = pol.candidates_for(req)
     view[a].engine_pending_tokens = 500

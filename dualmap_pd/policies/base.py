@@ -70,6 +70,11 @@ class PrefillPolicy(ABC):
         """Sort key of a request in an instance's scheduler-side queue (smaller goes first)."""
         return (req.arrival,)
 
+    def rebalance_instances(self, involved: Sequence[str], long_queues: Sequence[str]) -> Sequence[str]:
+        """Instances to check for a hot spot on a scheduling event that ``involved`` these;
+        ``long_queues``: every instance with at least two queued requests, in view order."""
+        return involved
+
     def rebalance(
         self,
         view: ClusterView,

@@ -21,10 +21,11 @@ and every placement that needs such a copy emits a migration plan.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from dualmap_pd.cluster import ClusterView, Role
-from dualmap_pd.hotprefix import HotPrefixConfig, HotPrefixDetector
+from dualmap_pd.hotprefix import AUTHORS_EXTEND_SHARE, HotPrefixConfig, HotPrefixDetector
 from dualmap_pd.policies.base import PREFILL_POLICIES, PolicyContext, PrefillPolicy
 from dualmap_pd.policies.migration import MigrationConfig, MigrationPlan, MigrationPlanner
 from dualmap_pd.request import Decision, Move, NoInstanceError, RoutedRequest
@@ -33,6 +34,9 @@ from dualmap_pd.ring import DualRing
 
 @dataclass(frozen=True)
 class DualMapConfig:
+    """Defaults follow the authors' code (DUALMAP.md, "How the authors' code runs its
+    evaluation"); the earlier choices of this project stay available as the named values."""
+
     vnodes: int = 160  # virtual nodes per instance on each ring (authors' MD5 ring)
     # Switch away from the affinity candidate when its estimated TTFT exceeds this fraction of
     # the SLO. The paper's prose says the SLO itself; the authors' code uses SLO / 2.
@@ -41,7 +45,22 @@ class DualMapConfig:
     # or its oldest queued request has waited this long (both from the paper).
     max_queue_wait_s: float = 3.0
     min_queue_to_rebalance: int = 2
-    hot_prefix: HotPrefixConfig = HotPrefixConfig()
+    # Hot-prefix share threshold: the authors' code's 0.0612 (the paper's prose: 2/n, which is
+    # ``HotPrefixConfig(extend_share=None)``).
+    hot_prefix: HotPrefixConfig = field(default_factory=lambda: HotPrefixConfig(extend_share=AUTHORS_EXTEND_SHARE))
+    # Rebalancing gain of a queued request: its TTFT on the source counts the work queued ahead
+    # of it ("position", authors' code) or the source's whole backlog ("backlog", earlier here).
+    rebalance_gain: Literal["position", "backlog"] = "position"
+    # Targets that are overloaded or hold a request waiting >= max_queue_wait_s are skipped, and
+    # a request whose other candidate is unfit tries the neighbour instance (authors' code);
+    # False: the other candidate whatever its state (earlier here).
+    check_targets: bool = True
+    # Instances checked for a hot spot on each scheduling event: "all" (authors' code) or
+    # "involved": the admitted request's candidates and the finishing instance (earlier here).
+    rebalance_scope: Literal["all", "involved"] = "all"
+    # Equal-hit tie-break: fewer running decode blocks (active tokens), then a seeded random pick
+    # ("decode_blocks", authors' code), or pending + active tokens ("pending_and_active", earlier).
+    tiebreak: Literal["decode_blocks", "pending_and_active"] = "decode_blocks"
     # With migration only (policy "dualmap"): the rebalancer may also move a queued request to
     # the least-loaded instance, its prefix copied there, not only to its backup candidate.
     rebalance_to_least_loaded: bool = True
@@ -91,7 +110,10 @@ class DualMapPolicy(PrefillPolicy):
             branch = "affinity"
         else:
             # Equal hits: fewer running KV blocks, then random (authors' rule).
-            load = [view[c].pending_work_tokens() + view[c].active_tokens for c in cands]
+            if self.config.tiebreak == "decode_blocks":
+                load = [view[c].active_tokens for c in cands]
+            else:
+                load = [view[c].pending_work_tokens() + view[c].active_tokens for c in cands]
             pick = 0 if load[0] < load[1] else 1 if load[1] < load[0] else self._rng.randrange(2)
             branch = "load_tiebreak"
         threshold = self.config.switch_fraction * self.ctx.slo_ttft
@@ -115,6 +137,10 @@ class DualMapPolicy(PrefillPolicy):
     def _oldest_wait(self, queued: Sequence[RoutedRequest], now: float) -> float:
         return max((now - r.arrival for r in queued), default=0.0)
 
+    def rebalance_instances(self, involved: Sequence[str], long_queues: Sequence[str]) -> Sequence[str]:
+        # min_queue_to_rebalance >= 2 is checked per source in rebalance().
+        return involved if self.config.rebalance_scope == "involved" else long_queues
+
     def rebalance(
         self,
         view: ClusterView,
@@ -123,27 +149,35 @@ class DualMapPolicy(PrefillPolicy):
         now: float,
     ) -> list[Move]:
         cost = self.ctx.cost
+        cfg = self.config
         moves: list[Move] = []
         # Work added to targets by earlier moves of this round (re-estimation).
         added: dict[str, int] = {}
         # (request, target) -> tokens the target would not compute: fixed for the round (moves
         # change loads, not caches), and with migration each one prices a possible copy.
         reach: dict[tuple[str, str], int] = {}
+        # Oldest wait per instance, for this round (moves only shorten a source's queue).
+        oldest = _OldestWait(queued, now)
         for src in check:
             reqs = list(queued.get(src, ()))
-            if len(reqs) < self.config.min_queue_to_rebalance or not view[src].healthy:
+            if len(reqs) < cfg.min_queue_to_rebalance or not view[src].healthy:
                 continue
             budget = cost.token_budget(self.ctx.slo_ttft, src)
             src_work = view[src].pending_work_tokens() + added.get(src, 0)
-            aged = self._oldest_wait(reqs, now) >= self.config.max_queue_wait_s
+            aged = self._oldest_wait(reqs, now) >= cfg.max_queue_wait_s
             if src_work <= budget and not aged:
                 continue
             pt_src = cost.per_token_prefill(src)
+            neighbour = self._neighbour(src, view) if cfg.check_targets else None
+            fit: dict[str, bool] = {}  # target fitness, until a move changes its load
             while reqs:
                 best: tuple[float, int, str, int] | None = None
                 spare = self._spare_target(src, view, added)
+                ahead = view[src].engine_pending_tokens  # work before each request, in queue order
                 for i, r in enumerate(reqs):
-                    backup = self._backup(r, src, view)
+                    ahead += r.queued_uncached
+                    t_src = pt_src * (ahead if cfg.rebalance_gain == "position" else src_work)
+                    backup = self._move_target(r, src, neighbour, view, oldest, added, fit)
                     # A request goes to a spare instance at most once: without that cap,
                     # overloaded clusters bounce requests (and copies of their prefixes) around.
                     for target in (backup, spare) if spare != backup and r.moves == 0 else (backup,):
@@ -154,7 +188,7 @@ class DualMapPolicy(PrefillPolicy):
                             hit_t = reach[r.request_id, target] = self.achievable_hit_tokens(r, target, view, now)
                         unc_t = max(0, r.prompt_tokens - hit_t)
                         t_work = view[target].pending_work_tokens() + added.get(target, 0)
-                        gain = pt_src * src_work - cost.per_token_prefill(target) * (t_work + unc_t)
+                        gain = t_src - cost.per_token_prefill(target) * (t_work + unc_t)
                         if best is None or gain > best[0]:
                             best = (gain, i, target, unc_t)
                 if best is None or best[0] <= 0:
@@ -165,9 +199,53 @@ class DualMapPolicy(PrefillPolicy):
                 src_work -= r.queued_uncached
                 added[src] = added.get(src, 0) - r.queued_uncached
                 added[target] = added.get(target, 0) + unc_t
-                if src_work <= budget and (not reqs or self._oldest_wait(reqs, now) < self.config.max_queue_wait_s):
+                fit.pop(target, None)
+                if src_work <= budget and (not reqs or self._oldest_wait(reqs, now) < cfg.max_queue_wait_s):
                     break
         return moves
+
+    def _move_target(
+        self,
+        req: RoutedRequest,
+        src: str,
+        neighbour: str | None,
+        view: ClusterView,
+        oldest: _OldestWait,
+        added: Mapping[str, int],
+        fit: dict[str, bool],
+    ) -> str | None:
+        """Where a queued request may move: its other candidate; with ``check_targets``, only if
+        that one is fit, else the neighbour instance ((source + 1) mod n), else nowhere."""
+        backup = self._backup(req, src, view)
+        if not self.config.check_targets:
+            return backup
+        for target in (backup, neighbour):
+            if target is None:
+                continue
+            ok = fit.get(target)
+            if ok is None:
+                ok = fit[target] = self._fit_target(target, view, oldest, added)
+            if ok:
+                return target
+        return None
+
+    def _neighbour(self, src: str, view: ClusterView) -> str | None:
+        """The next eligible prefill instance after ``src`` in membership order (wrapping)."""
+        names = view.names(Role.PREFILL)
+        if src not in names:
+            return None
+        i = names.index(src)
+        for name in names[i + 1 :] + names[:i]:
+            if view[name].eligible:
+                return name
+        return None
+
+    def _fit_target(self, name: str, view: ClusterView, oldest: _OldestWait, added: Mapping[str, int]) -> bool:
+        """Not overloaded (one SLO of work) and no request there waiting >= max_queue_wait_s."""
+        st = view[name]
+        if st.pending_work_tokens() + added.get(name, 0) > self.ctx.cost.token_budget(self.ctx.slo_ttft, name):
+            return False
+        return oldest[name] < self.config.max_queue_wait_s
 
     def achievable_hit_tokens(self, req: RoutedRequest, target: str, view: ClusterView, now: float) -> int:
         """Prompt tokens ``target`` would not compute if ``req`` went there (published: its
@@ -186,6 +264,21 @@ class DualMapPolicy(PrefillPolicy):
                 return c
         excl = set(self._excluded) | {src}
         return self.rings.ring_b.lookup(req.routing_key(self.hot.key_depth(req.block_hashes)), excl)
+
+
+class _OldestWait:
+    """How long the oldest queued request of each instance has waited, computed once per
+    rebalancing round (a queue is ordered by hit, not age, so it takes a scan)."""
+
+    def __init__(self, queued: Mapping[str, Sequence[RoutedRequest]], now: float) -> None:
+        self._queued, self._now = queued, now
+        self._memo: dict[str, float] = {}
+
+    def __getitem__(self, name: str) -> float:
+        got = self._memo.get(name)
+        if got is None:
+            got = self._memo[name] = max((self._now - r.arrival for r in self._queued.get(name, ())), default=0.0)
+        return got
 
 
 @PREFILL_POLICIES.register

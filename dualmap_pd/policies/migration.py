@@ -30,35 +30,34 @@ from dataclasses import dataclass, field
 
 from dualmap_pd.cluster import ClusterView, Role
 from dualmap_pd.cost import CostModel, Link
+from dualmap_pd.options import option
 from dualmap_pd.request import RoutedRequest
 
 
-def _opt(default: object, help: str) -> object:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class MigrationConfig:
     """Limits and thresholds of prefix migration (the help texts document each knob)."""
 
-    max_per_instance: int = _opt(
+    max_per_instance: int = option(
         2, "concurrent migrations an instance may take part in (as source or target)"
     )
-    max_bytes_in_flight: int = _opt(
+    max_bytes_in_flight: int = option(
         16 * 2**30, "KV bytes of all planned or running migrations together, cluster-wide"
     )
-    min_blocks: int = _opt(2, "never copy fewer missing blocks than this (not worth a round trip)")
-    min_gain_ratio: float = _opt(
+    min_blocks: int = option(2, "never copy fewer missing blocks than this (not worth a round trip)")
+    min_gain_ratio: float = option(
         2.0, "copy only if the prefill time it saves is at least this many times the transfer time"
     )
-    horizon_s: float = _opt(
+    horizon_s: float = option(
         10.0, "future requests with the prefix expected within this many seconds count as saved work"
     )
-    stale_after_s: float = _opt(
+    stale_after_s: float = option(
         120.0, "a plan neither finished nor failed after this long is dropped (its executor is gone)"
     )
-    rate_smoothing_s: float = _opt(10.0, "time constant of the arrival-rate estimate (seconds)")
-    transfer_smoothing: float = _opt(
+    rate_smoothing_s: float = option(10.0, "time constant of the arrival-rate estimate (seconds)")
+    transfer_smoothing: float = option(
         0.3, "weight of a measured migration in the running measured/modelled transfer-time ratio"
     )
 

@@ -8,6 +8,10 @@ from types import MappingProxyType
 from typing import Literal
 
 from dualmap_pd.cost import PROFILES, HardwareProfile
+from dualmap_pd.options import option
+from dualmap_pd.sim.observation import Observation
+from dualmap_pd.sim.replicas import ArrivalSpread
+from dualmap_pd.workload_prep import WorkloadPrep
 
 # HBM left for KV on an engine (for ``kv_usage``, which decode policies read), by profile.
 # qwen7b-910b4: 32 GB - ~15.2 GB of fp16 weights - ~2 GB activations; llama8b-h100: the 50 GB
@@ -22,54 +26,68 @@ class ConfigError(ValueError):
     """Invalid settings; the message is one line, fit to show a user."""
 
 
-def _opt(default: object, help: str, **extra: object) -> object:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
 class SimConfig:
     trace: str = field(metadata={"help": "Mooncake-format JSONL trace", "metavar": "PATH"})
-    policy: str = _opt("dualmap", "prefill routing policy (registry name)", metavar="NAME")
-    mode: Mode = _opt(
+    policy: str = option("dualmap", "prefill routing policy (registry name)", metavar="NAME")
+    mode: Mode = option(
         "colocated",
         "colocated: every instance prefills and decodes (the paper's setup); disaggregated: "
         "--prefill prefill + --decode decode instances, KV shipped P->D",
     )
-    prefill: int = _opt(8, "prefill instances (colocated: instances)", metavar="N")
-    decode: int | None = _opt(
+    prefill: int = option(8, "prefill instances (colocated: instances)", metavar="N")
+    decode: int | None = option(
         None, "decode instances (disaggregated only)", metavar="M", default_doc="max(1, N // 2)"
     )
-    decode_policy: str = _opt("power_of_two", "decode-instance policy (disaggregated)", metavar="NAME")
-    rate_scale: float | None = _opt(
+    decode_policy: str = option("power_of_two", "decode-instance policy (disaggregated)", metavar="NAME")
+    rate_scale: float | None = option(
         None, "multiply the trace's arrival rate by X (timestamps / X)", metavar="X"
     )
-    qps: float | None = _opt(None, "rescale arrivals to a mean rate of Q requests/s", metavar="Q")
-    slo_ttft: float = _opt(5.0, "TTFT SLO in seconds (metrics and SLO-aware policies)", metavar="SECONDS")
-    profile: str = _opt("qwen7b-910b4", f"hardware profile ({', '.join(sorted(PROFILES))})")
-    requests: int | None = _opt(None, "simulate only the first K requests", metavar="K", default_doc="all")
-    tile: int = _opt(
+    qps: float | None = option(None, "rescale arrivals to a mean rate of Q requests/s", metavar="Q")
+    slo_ttft: float = option(5.0, "TTFT SLO in seconds (metrics and SLO-aware policies)", metavar="SECONDS")
+    profile: str = option("qwen7b-910b4", f"hardware profile ({', '.join(sorted(PROFILES))})")
+    requests: int | None = option(None, "simulate only the first K requests", metavar="K", default_doc="all")
+    tile: int = option(
         1,
         "repeat the trace T times back to back (shifted timestamps, distinct hash ids) before "
         "--requests applies",
         metavar="T",
     )
-    warmup: int | None = _opt(
-        None,
-        "exclude the first W requests from metrics (they still run)",
-        metavar="W",
-        default_doc="500 if the run has >= 2000 requests, else 10%",
+    workload: WorkloadPrep = field(
+        default_factory=WorkloadPrep,
+        metadata={"help": "workload preparation (its fields are options of their own)"},
     )
-    seed: int = _opt(0, "seed of every random choice (policies' tie-breaks, decode sampling)")
-    aggregate_decode: bool = _opt(
+    schedulers: int = option(
+        1,
+        "scheduler replicas, each with its own queues and bookings, sharing only what the engines "
+        "publish (KV events, metrics)",
+        metavar="N",
+    )
+    arrival_spread: ArrivalSpread = option("round_robin", "how an L4 balancer spreads arrivals over --schedulers")
+    observation: Observation = field(
+        default_factory=Observation,
+        metadata={"help": "what the schedulers see and how late (its fields are options of their own)"},
+    )
+    max_engine_pending: int = option(
+        2,
+        "late dispatch: prefills (running or waiting) a scheduler lets one engine hold; 2 sends "
+        "while the engine holds at most one, the authors' threshold of 1 checked before sending; "
+        "1: nothing waits in the engine (an idle round trip after each prefill)",
+        metavar="K",
+    )
+    seed: int = option(0, "seed of every random choice (policies' tie-breaks, decode sampling, noise)")
+    aggregate_decode: bool = option(
         True, "simulate decode-only stretches as one event up to the next completion (exact)"
     )
-    prefix_cache_gib: float | None = _opt(
+    prefix_cache_gib: float | None = option(
         None,
         "prefix-cache tier per prefill engine, GiB",
         metavar="GIB",
         default_doc="the profile's (qwen7b-910b4: 64)",
     )
-    kv_capacity_gib: float | None = _opt(
+    kv_capacity_gib: float | None = option(
         None,
         "HBM for KV per engine, GiB (only feeds kv_usage, which decode policies read)",
         metavar="GIB",
@@ -95,20 +113,32 @@ class SimConfig:
             )
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown profile {self.profile!r}; known: {', '.join(sorted(PROFILES))}")
-        positive = {"prefill": self.prefill, "tile": self.tile, "slo_ttft": self.slo_ttft}
+        positive = {
+            "prefill": self.prefill, "tile": self.tile, "slo_ttft": self.slo_ttft,
+            "schedulers": self.schedulers, "max_engine_pending": self.max_engine_pending,
+        }  # fmt: skip
         for name in ("decode", "rate_scale", "qps", "requests", "kv_capacity_gib", "prefix_cache_gib"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.warmup is not None and self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        try:
+            self.workload.validate()
+            self.observation.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
     @property
     def hardware(self) -> HardwareProfile:
         return PROFILES[self.profile]
+
+    @property
+    def max_model_len(self) -> int:
+        """The limit oversized requests are dropped at: --max-model-len, else the profile's."""
+        given = self.workload.max_model_len
+        return given if given is not None else self.hardware.max_model_len
 
     @property
     def decode_instances(self) -> int:
@@ -147,11 +177,15 @@ class CapacitySearch:
     as the rate rises (true of every run we have looked at; a non-monotone curve would make
     the answer one of its crossing points)."""
 
-    policies: str = _opt("all", "comma-separated policy names, or 'all' (every registered)", metavar="A,B,...")
-    target: float = _opt(0.9, "SLO attainment a rate must reach to count as sustained")
-    tolerance: float = _opt(0.02, "stop when (hi - lo) / lo <= this")
-    qps_start: float | None = _opt(None, "first rate probed", metavar="Q", default_doc="the trace's native rate")
-    max_probes: int = _opt(40, "give up refining after this many simulations per policy")
+    policies: str = option("all", "comma-separated policy names, or 'all' (every registered)", metavar="A,B,...")
+    target: float = option(0.9, "SLO attainment a rate must reach to count as sustained")
+    tolerance: float = option(0.02, "stop when (hi - lo) / lo <= this")
+    qps_start: float | None = option(None, "first rate probed", metavar="Q", default_doc="the trace's native rate")
+    max_probes: int = option(40, "give up refining after this many simulations per policy")
+    overload: bool = option(
+        True,
+        "also run every policy at 1.25x and 1.5x the best baseline's capacity (SLO attainment, goodput)",
+    )
 
     def validate(self) -> CapacitySearch:
         if not 0 < self.target <= 1:

@@ -14,10 +14,13 @@ work arrives mid-run, the run is cut at the end of the step in progress, exactly
 step-by-step engine would first see the work. ``aggregate_decode=False`` steps one token at a
 time (used to test the equivalence).
 
-The view sees the load of an engine as the requests it holds and their prompt tokens
-(``running_requests``, ``active_tokens``, ``kv_usage``), updated when a request starts or ends,
-not per generated token (outputs are ~1% of context on the traces): that keeps the view, and so
-every policy decision, identical whether decode is aggregated or not.
+The engine's load is the requests it holds and their prompt tokens (``running_requests``,
+``active_tokens``, ``kv_usage`` of its own ``state``, which no scheduler reads directly), updated
+when a request starts or ends, not per generated token (outputs are ~1% of context on the
+traces): that keeps every policy decision identical whether decode is aggregated or not. Its KV
+events and load changes go to an observer (sim/observation.py), which decides when each
+scheduler's view sees them. A prefill step may take longer or shorter than the cost model says
+(``noise``: a seeded factor per step); schedulers keep estimating with the model.
 """
 
 from __future__ import annotations
@@ -25,26 +28,40 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
-from dualmap_pd.cluster import ClusterView, InstanceState
+from dualmap_pd.cluster import InstanceState
 from dualmap_pd.cost import CostModel
 from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.sim.state import SimRequest
+
+
+class EngineObserver(Protocol):
+    """Where an engine publishes (sim/observation.py's Observer; a ClusterView in tests)."""
+
+    def add_blocks(self, name: str, hashes: list[int], parents: list[int | None]) -> None: ...
+
+    def remove_blocks(self, name: str, hashes: list[int]) -> None: ...
+
+    def load_changed(self, name: str) -> None: ...
 
 
 class Engine:
     def __init__(
         self,
         state: InstanceState,
-        view: ClusterView,
+        observer: EngineObserver,
         cost: CostModel,
         cache: PrefixCache | None,
         kv_capacity_bytes: float,
         aggregate_decode: bool = True,
+        noise: Callable[[], float] | None = None,
     ) -> None:
         self.name = state.name
-        self.state = state
-        self.view = view
+        self.state = state  # the engine's own load (truth)
+        self.observer = observer
+        self.noise = noise  # factor on each prefill step's modelled time (None: exact)
         self.cost = cost
         self.cache = cache  # None: decode-only engine (no prefill)
         self.kv_capacity_bytes = kv_capacity_bytes
@@ -87,12 +104,14 @@ class Engine:
         st.running_requests += 1
         st.active_tokens += req.prompt_tokens
         st.kv_usage = min(1.0, st.active_tokens * self._kv_bytes_per_token / self.kv_capacity_bytes)
+        self.observer.load_changed(self.name)
 
     def release(self, req: SimRequest) -> None:
         st = self.state
         st.running_requests -= 1
         st.active_tokens -= req.prompt_tokens
         st.kv_usage = min(1.0, st.active_tokens * self._kv_bytes_per_token / self.kv_capacity_bytes)
+        self.observer.load_changed(self.name)
 
     # -- work intake ----------------------------------------------------------------------------
     def submit(self, req: SimRequest) -> None:
@@ -135,7 +154,10 @@ class Engine:
                 computed += take
                 if take and req.remaining_prefill == req.uncached_tokens:  # first chunk: load its hit
                     cached += req.hit_tokens
-            duration = self.cost.prefill_time(computed, cached, self.name) + self.cost.decode_step_time(n, self.ctx_sum)
+            prefill = self.cost.prefill_time(computed, cached, self.name)
+            if self.noise is not None:
+                prefill *= self.noise()
+            duration = prefill + self.cost.decode_step_time(n, self.ctx_sum)
             steps = 1
         elif n:
             steps = 1
@@ -280,12 +302,12 @@ class Engine:
     def _insert(self, cache: PrefixCache, block_hashes: list[int] | tuple[int, ...]) -> list[int]:
         stored, evicted = cache.insert(block_hashes)
         if evicted:
-            self.view.remove_blocks(self.name, evicted)
+            self.observer.remove_blocks(self.name, evicted)
             if self.migrated:
                 self.migrated.difference_update(evicted)
         if stored:
             # block_hashes is a chain from a prompt's first block: each block's parent is the
             # one before it.
             parent_of = dict(zip(block_hashes[1:], block_hashes))
-            self.view.add_blocks(self.name, stored, [parent_of.get(h) for h in stored])
+            self.observer.add_blocks(self.name, stored, [parent_of.get(h) for h in stored])
         return stored

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from dualmap_pd.policies.migration import MigrationPlan
     from dualmap_pd.sim.engine import Engine
+    from dualmap_pd.sim.replicas import Replica
     from dualmap_pd.sim.simulator import Simulator
     from dualmap_pd.sim.state import SimRequest
 
@@ -66,10 +67,38 @@ class KVTransferDone(Event):
 class MigrationDone(Event):
     """A prefix migration's blocks arrived at its target prefill instance."""
 
-    __slots__ = ("plan",)
+    __slots__ = ("replica", "plan")
 
-    def __init__(self, plan: MigrationPlan) -> None:
+    def __init__(self, replica: Replica, plan: MigrationPlan) -> None:
+        self.replica = replica
         self.plan = plan
 
     def fire(self, sim: Simulator, now: float) -> None:
-        sim.on_migration_done(self.plan, now)
+        sim.on_migration_done(self.replica, self.plan, now)
+
+
+class EngineReceives(Event):
+    """A dispatched prefill leg reaches its engine (half a round trip after dispatch)."""
+
+    __slots__ = ("request", "engine")
+
+    def __init__(self, request: SimRequest, engine: Engine) -> None:
+        self.request = request
+        self.engine = engine
+
+    def fire(self, sim: Simulator, now: float) -> None:
+        sim.on_engine_receives(self.request, self.engine, now)
+
+
+class PrefillsReported(Event):
+    """A scheduler hears that prefills it dispatched finished (their HTTP responses)."""
+
+    __slots__ = ("replica", "requests", "engine")
+
+    def __init__(self, replica: Replica, requests: list[SimRequest], engine: Engine) -> None:
+        self.replica = replica
+        self.requests = requests
+        self.engine = engine
+
+    def fire(self, sim: Simulator, now: float) -> None:
+        sim.on_prefills_reported(self.replica, self.requests, self.engine, now)

@@ -29,8 +29,16 @@ def plot_attainment(results: Mapping[str, CapacityResult], path: str | Path, tar
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, res in results.items():
-        pts = sorted(res.points, key=lambda p: p.qps)
-        ax.plot([p.qps for p in pts], [p.slo_attainment for p in pts], marker="o", ms=3, label=f"{name} ({res.capacity_qps:.2f})")
+        # Overload points (squares) continue each policy's curve past its capacity.
+        pts = sorted([(p.qps, p.slo_attainment) for p in res.points] + [(o.qps, o.slo_attainment) for o in res.overload])
+        (line,) = ax.plot([q for q, _ in pts], [a for _, a in pts], marker="o", ms=3, label=f"{name} ({res.capacity_qps:.2f})")
+        if res.overload:
+            ax.plot([o.qps for o in res.overload], [o.slo_attainment for o in res.overload], "s", ms=6, color=line.get_color())
+    ref = next((r.overload_reference for r in results.values() if r.overload_reference), None)
+    if ref is not None:
+        for factor in sorted({o.factor for r in results.values() for o in r.overload}):
+            ax.axvline(ref[1] * factor, color="grey", ls=":", lw=0.8)
+            ax.text(ref[1] * factor, 0.02, f" {factor:g}x {ref[0]}", fontsize=7, color="grey", rotation=90, va="bottom")
     ax.axhline(target, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("arrival rate (requests/s)")
     ax.set_ylabel("TTFT SLO attainment")

@@ -28,20 +28,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dualmap_pd.cluster import ClusterView, Role
+from dualmap_pd.cluster import InstanceState, Role
 from dualmap_pd.cost import CostModel
 from dualmap_pd.metrics import summarize
-from dualmap_pd.policies import DECODE_POLICIES, PREFILL_POLICIES, PolicyContext
 from dualmap_pd.policies.migration import MigrationPlan
 from dualmap_pd.request import RoutedRequest
-from dualmap_pd.router import PrefillRouter
+from dualmap_pd.router import DispatchLimits
 from dualmap_pd.sim.config import SimConfig
 from dualmap_pd.sim.engine import Engine
-from dualmap_pd.sim.events import Arrival, Event, KVTransferDone, MigrationDone, StepDone
+from dualmap_pd.sim.events import (
+    Arrival,
+    EngineReceives,
+    Event,
+    KVTransferDone,
+    MigrationDone,
+    PrefillsReported,
+    StepDone,
+)
+from dualmap_pd.sim.observation import Deliver, Observer
 from dualmap_pd.sim.prefix_cache import PrefixCache
+from dualmap_pd.sim.replicas import ArrivalBalancer, Replica, build_replicas
 from dualmap_pd.sim.state import SimRequest
-from dualmap_pd.sim.workload import PreparedTrace, default_warmup, load_prepared
-from dualmap_pd.trace import ArrivalScaling, arrival_times
+from dualmap_pd.sim.workload import PreparedTrace, load_prepared
+from dualmap_pd.trace import ArrivalScaling
+from dualmap_pd.workload_prep import PreparedWorkload, prepare_workload
 
 # progress(completed, total, simulated time)
 ProgressFn = Callable[[int, int, float], None]
@@ -67,6 +77,7 @@ class SimResult:
     events: int = 0
     engine_steps: int = 0
     migrations: dict[str, int] = field(default_factory=dict)
+    workload: PreparedWorkload | None = None
 
     @property
     def measured(self) -> list[SimRequest]:
@@ -88,6 +99,11 @@ class SimResult:
             "completed": sum(1 for r in self.requests if r.completions == 1),
             "warmup": self.warmup,
         }
+        out["schedulers"] = cfg.schedulers
+        out["observation"] = cfg.observation.effective.describe()
+        if self.workload is not None:
+            out["workload"] = self.workload.to_json()
+            out["dropped_oversized"] = self.workload.dropped_oversized
         out.update(summarize(self.measured, cfg.slo_ttft, self.prefill_names))
         out["kv_bytes_moved"] = self.kv_bytes_moved
         out["migrations"] = dict(self.migrations)
@@ -114,28 +130,38 @@ class Simulator:
         self.progress = progress
         self.progress_every = max(1, progress_every)
         profile = config.hardware
-        self.cost = CostModel(profile)
-        self.view = ClusterView(profile.block_size)
-        ctx = PolicyContext(self.cost, slo_ttft=config.slo_ttft, seed=config.seed)
+        self.cost = CostModel(profile)  # the engines' (true) costs
         self.prefill_names = [f"p{i}" for i in range(config.prefill)]
         self.decode_names = [f"d{i}" for i in range(config.decode_instances)]
+        self.colocated = config.mode == "colocated"
+        self.replicas = build_replicas(
+            config.schedulers, profile, self.prefill_names, self.decode_names, config.policy,
+            None if self.colocated else config.decode_policy, config.slo_ttft, config.seed,
+            DispatchLimits(max_engine_pending=config.max_engine_pending),
+        )  # fmt: skip
+        # Replica 0's objects under the names a single scheduler had (tests and tools read them).
+        self.view, self.policy, self.router = self.replicas[0].view, self.replicas[0].policy, self.replicas[0].router
+        self.balancer = ArrivalBalancer(config.schedulers, config.arrival_spread, config.seed)
+        truth = {n: InstanceState(n, Role.PREFILL) for n in self.prefill_names}
+        truth.update({n: InstanceState(n, Role.DECODE) for n in self.decode_names})
+        self.observer = Observer(self, config.observation, [r.view for r in self.replicas], truth, config.seed)
+        self.half_rtt = self.observer.half_rtt
+        self.book_late = self.observer.obs.book_on_accept and self.half_rtt > 0
         self.engines: dict[str, Engine] = {}
         for name in self.prefill_names:
-            st = self.view.add_instance(name, Role.PREFILL)
             cache = PrefixCache(config.prefix_cache_blocks)
-            self.engines[name] = Engine(st, self.view, self.cost, cache, config.kv_capacity_bytes, config.aggregate_decode)
+            self.engines[name] = Engine(
+                truth[name], self.observer, self.cost, cache, config.kv_capacity_bytes,
+                config.aggregate_decode, self.observer.noise_for(name),
+            )  # fmt: skip
         for name in self.decode_names:
-            st = self.view.add_instance(name, Role.DECODE)
-            self.engines[name] = Engine(st, self.view, self.cost, None, config.kv_capacity_bytes, config.aggregate_decode)
-        self.colocated = config.mode == "colocated"
-        self.policy = PREFILL_POLICIES.create(config.policy, ctx)
-        self.router = PrefillRouter(self.policy, self.view)
-        self.decode_policy = None if self.colocated else DECODE_POLICIES.create(config.decode_policy, ctx)
+            self.engines[name] = Engine(truth[name], self.observer, self.cost, None, config.kv_capacity_bytes, config.aggregate_decode)
         scaling = ArrivalScaling(rate_scale=config.rate_scale, qps=config.qps)
-        self.arrivals = arrival_times(trace.records, scaling)
+        self.workload = prepare_workload(trace.records, config.workload, scaling, config.max_model_len)
+        self.arrivals = self.workload.arrivals
         self.hashes = trace.block_hashes(profile.block_size)
-        n = len(trace)
-        self.warmup = min(n, config.warmup if config.warmup is not None else default_warmup(n))
+        n = len(self.workload.records)
+        self.warmup = self.workload.warmup
         self.requests: list[SimRequest | None] = [None] * n
         self._live: dict[str, SimRequest] = {}
         self._heap: list[tuple[float, int, Event]] = []
@@ -143,14 +169,19 @@ class Simulator:
         self._link_free: dict[str, float] = dict.fromkeys(self.prefill_names, 0.0)
         self._completed = 0
         self._kv_bytes = 0
-        self._migrating: dict[int, MigrationPlan] = {}
+        self._migrating: dict[tuple[int, int], MigrationPlan] = {}
         self._decode_decisions: Counter[str] = Counter()
+        self._next_arrival = 0
         self.now = 0.0
 
     # -- loop -------------------------------------------------------------------------------------
     def schedule(self, at: float, event: Event) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, event))
+
+    def has_work(self) -> bool:
+        """Requests still to arrive or still running (periodic events stop when this is False)."""
+        return self._next_arrival < len(self.arrivals) or bool(self._live)
 
     def run(self) -> SimResult:
         if self.arrivals:
@@ -167,82 +198,135 @@ class Simulator:
 
     # -- event handlers ---------------------------------------------------------------------------
     def on_arrival(self, index: int, now: float) -> None:
-        rec = self.trace.records[index]
-        rid = f"r{index}"
+        rec = self.workload.records[index]
+        traced = self.workload.indices[index]  # its index in the trace (hashes, routing key)
+        rid = f"r{traced}"
         routed = RoutedRequest(
             request_id=rid,
             prompt_tokens=rec.input_length,
-            block_hashes=self.hashes[index],
+            block_hashes=self.hashes[traced],
             block_size=self.view.block_size,
             arrival=now,
-            fallback_key=self.trace.fallback_key(index),
+            fallback_key=self.trace.fallback_key(traced),
             expected_output_tokens=rec.output_length,
         )
-        req = SimRequest(index, routed, now, rec.input_length, rec.output_length)
+        replica = self.replicas[self.balancer.pick()]
+        req = SimRequest(index, routed, now, rec.input_length, rec.output_length, replica=replica.index)
         self.requests[index] = req
         self._live[rid] = req
+        self._next_arrival = index + 1
         if index + 1 < len(self.arrivals):
             self.schedule(self.arrivals[index + 1], Arrival(index + 1))
-        moves = self.router.stats.moves
-        decision = self.router.admit(routed, now)
+        self.observer.start_polling(now)
+        router = replica.router
+        moves = router.stats.moves
+        decision = router.admit(routed, now)
         req.branch = decision.branch
-        self._start_migrations(now)
+        self._start_migrations(replica, now)
         # Rebalancing may have moved queued requests anywhere: then look at every queue.
-        self._dispatch(now, [decision.instance] if self.router.stats.moves == moves else None)
+        self._dispatch(replica, now, [decision.instance] if router.stats.moves == moves else None)
 
     def on_step_done(self, engine: Engine, now: float) -> None:
         prefills, decodes = engine.finish_step()
         for req in decodes:
             self._complete(req, engine, now)
         if prefills:
-            moves = self.router.stats.moves
+            by_replica: dict[int, list[SimRequest]] = {}
             for req in prefills:
-                self._prefill_finished(req, engine, now)
-            self._start_migrations(now)
-            self._dispatch(now, [engine.name] if self.router.stats.moves == moves else None)
+                self._prefill_finished_on_engine(req, engine, now)
+                by_replica.setdefault(req.replica, []).append(req)
+            for k, reqs in by_replica.items():
+                if self.half_rtt > 0:  # the scheduler hears it with the HTTP response
+                    self.schedule(now + self.half_rtt, PrefillsReported(self.replicas[k], reqs, engine))
+                else:
+                    self.on_prefills_reported(self.replicas[k], reqs, engine, now)
+        self._kick(engine, now)
+
+    def on_prefills_reported(self, replica: Replica, reqs: list[SimRequest], engine: Engine, now: float) -> None:
+        """The scheduler learns these prefills finished: free their bookings, send decode legs,
+        dispatch what now may go."""
+        router = replica.router
+        moves = router.stats.moves
+        for req in reqs:
+            router.finish_prefill(req.routed.request_id, now)
+            if not self.colocated:
+                replica.view[engine.name].inflight_requests -= 1
+                if req.output_tokens > 1:
+                    self._send_to_decode(replica, req, engine, now)
+                else:
+                    self._complete(req, None, now)
+        self._start_migrations(replica, now)
+        self._dispatch(replica, now, [engine.name] if router.stats.moves == moves else None)
+
+    def on_engine_receives(self, req: SimRequest, engine: Engine, now: float) -> None:
+        engine.submit(req)
         self._kick(engine, now)
 
     def on_kv_arrived(self, req: SimRequest, engine: Engine, now: float) -> None:
         engine.join_decode(req)
         self._kick(engine, now)
 
-    def on_migration_done(self, plan: MigrationPlan, now: float) -> None:
-        del self._migrating[plan.plan_id]
+    def on_migration_done(self, replica: Replica, plan: MigrationPlan, now: float) -> None:
+        del self._migrating[(replica.index, plan.plan_id)]
         self.engines[plan.source].cache.unpin(plan.block_hashes)  # type: ignore[union-attr]
         self.engines[plan.target].receive_blocks(plan.block_hashes)
-        planner = self.policy.migration
+        planner = replica.policy.migration
         if planner is not None:
             planner.on_finished(plan, now)
-        self._dispatch(now, [plan.target])
+        self._dispatch(replica, now, [plan.target])
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _start_migrations(self, now: float) -> None:
-        planner = self.policy.migration
+    def _start_migrations(self, replica: Replica, now: float) -> None:
+        planner = replica.policy.migration
         if planner is None:
             return
-        for plan in self.router.take_migrations():
+        for plan in replica.router.take_migrations():
             cache = self.engines[plan.source].cache
             if cache is None or not cache.holds(plan.block_hashes):
                 planner.on_failed(plan, now, "source_evicted")
-                self._dispatch(now, [plan.target])
+                self._dispatch(replica, now, [plan.target])
                 continue
             cache.pin(plan.block_hashes)
             start = max(now, self._link_free[plan.source])
             done = start + self.cost.transfer_time(plan.nbytes, planner.link)
             self._link_free[plan.source] = done
             planner.on_started(plan, now, expected_ready_at=done)
-            self._migrating[plan.plan_id] = plan
-            self.schedule(done, MigrationDone(plan))
+            self._migrating[(replica.index, plan.plan_id)] = plan
+            self.schedule(done, MigrationDone(replica, plan))
 
-    def _dispatch(self, now: float, instances: list[str] | None) -> None:
+    def _dispatch(self, replica: Replica, now: float, instances: list[str] | None) -> None:
         touched: dict[str, Engine] = {}
-        for routed, name in self.router.take_dispatchable(now, instances):
+        view = replica.view
+        for routed, name in replica.router.take_dispatchable(now, instances):
             engine = self.engines[name]
-            engine.state.inflight_requests += 1
-            engine.submit(self._live[routed.request_id])
+            view[name].inflight_requests += 1
+            req = self._live[routed.request_id]
+            if self.book_late:
+                self._book_on_accept(replica, routed.request_id, name, now)
+            if self.half_rtt > 0:  # the prefill leg reaches the engine half a round trip later
+                self.schedule(now + self.half_rtt, EngineReceives(req, engine))
+                continue
+            engine.submit(req)
             touched[name] = engine
         for engine in touched.values():
             self._kick(engine, now)
+
+    def _book_on_accept(self, replica: Replica, request_id: str, name: str, now: float) -> None:
+        """Undo the router's booking of a dispatch until the engine's answer (a round trip
+        later). The prefill's finish is heard at least that late, so it never comes first."""
+        placed = replica.router.placed(request_id)
+        if placed is None:
+            return
+        st = replica.view[name]
+        uncached = placed[1]
+        st.engine_pending_requests -= 1
+        st.engine_pending_tokens -= uncached
+
+        def book() -> None:
+            st.engine_pending_requests += 1
+            st.engine_pending_tokens += uncached
+
+        self.schedule(now + 2 * self.half_rtt, Deliver(book))
 
     def _kick(self, engine: Engine, now: float) -> None:
         """Let an engine see new work: start a step if idle, else cut a decode run short."""
@@ -250,10 +334,9 @@ class Simulator:
         if end is not None:
             self.schedule(end, StepDone(engine, engine.version))
 
-    def _prefill_finished(self, req: SimRequest, engine: Engine, now: float) -> None:
+    def _prefill_finished_on_engine(self, req: SimRequest, engine: Engine, now: float) -> None:
         req.first_token_at = now
         req.prefills_done += 1
-        self.router.finish_prefill(req.routed.request_id, now)
         if self.colocated:
             if req.output_tokens > 1:
                 engine.join_decode(req)
@@ -261,27 +344,30 @@ class Simulator:
                 self._complete(req, engine, now)
             return
         engine.release(req)
-        engine.state.inflight_requests -= 1
-        if req.output_tokens > 1:
-            self._send_to_decode(req, engine, now)
-        else:
-            self._complete(req, None, now)
 
-    def _send_to_decode(self, req: SimRequest, source: Engine, now: float) -> None:
-        if self.decode_policy is None:
+    def _send_to_decode(self, replica: Replica, req: SimRequest, source: Engine, now: float) -> None:
+        policy = replica.decode_policy
+        if policy is None:
             raise SimulationError("decode requested in colocated mode")
-        decision = self.decode_policy.select(req.routed, self.view, now)
-        self.decode_policy.on_decision(req.routed, decision, self.view, now)
+        view = replica.view
+        decision = policy.select(req.routed, view, now)
+        policy.on_decision(req.routed, decision, view, now)
         self._decode_decisions[decision.branch] += 1
         target = self.engines[decision.instance]
         req.decode_instance = target.name
-        # The decode slot (and its KV memory) is taken now, so the next decision sees it.
+        # This scheduler books the decode slot now (as the live acquire_decode does), so its next
+        # decision sees it; the engine's load reaches the others through metrics.
+        booked = view[target.name]
+        booked.running_requests += 1
+        booked.active_tokens += req.prompt_tokens
+        booked.inflight_requests += 1
         target.hold(req)
-        target.state.inflight_requests += 1
         nbytes = self.cost.kv_bytes(req.prompt_tokens)
         req.kv_bytes_moved = nbytes
         self._kv_bytes += nbytes
-        start = max(now, self._link_free[source.name])
+        # The decode leg's request reaches its engine half a round trip after the prefill's
+        # answer; the decode engine then pulls the KV over the prefill's link (FIFO).
+        start = max(now + self.half_rtt, self._link_free[source.name])
         done = start + self.cost.transfer_time(nbytes)
         self._link_free[source.name] = done
         self.schedule(done, KVTransferDone(req, target))
@@ -292,7 +378,12 @@ class Simulator:
         self._live.pop(req.routed.request_id, None)
         if engine is not None:
             engine.release(req)
-            engine.state.inflight_requests -= 1
+            booked = self.replicas[req.replica].view[engine.name]
+            booked.inflight_requests -= 1
+            if engine.cache is None:  # a decode engine: release this scheduler's own booking
+                booked.running_requests = max(0, booked.running_requests - 1)
+                booked.active_tokens = max(0, booked.active_tokens - req.prompt_tokens)
+                self.observer.load_changed(engine.name)
         self._completed += 1
         if self.progress is not None and self._completed % self.progress_every == 0:
             self.progress(self._completed, len(self.requests), now)
@@ -305,23 +396,27 @@ class Simulator:
         bad = [r for r in reqs if r.completions != 1 or r.prefills_done != 1]
         if self._migrating:
             raise SimulationError(f"{len(self._migrating)} migrations never landed")
-        if bad or self._live or len(self.router):
+        in_router = sum(len(r.router) for r in self.replicas)
+        if bad or self._live or in_router:
             first = bad[0].routed.request_id if bad else next(iter(self._live), "?")
             raise SimulationError(
                 f"{len(bad)} requests did not complete exactly once, {len(self._live)} still live, "
-                f"{len(self.router)} still in the router (first: {first})"
+                f"{in_router} still in a router (first: {first})"
             )
-        qps_span = self.arrivals[-1] - self.arrivals[0] if len(self.arrivals) > 1 else 0.0
+        decisions: Counter[str] = Counter()
+        for r in self.replicas:
+            decisions.update(r.router.stats.decisions)
         return SimResult(
             config=self.config,
             requests=reqs,
             warmup=self.warmup,
-            offered_qps=(len(reqs) - 1) / qps_span if qps_span > 0 else float(len(reqs)),
+            offered_qps=self.workload.measured_qps,
+            workload=self.workload,
             prefill_names=self.prefill_names,
             decode_names=self.decode_names,
-            decisions=Counter(self.router.stats.decisions),
+            decisions=decisions,
             decode_decisions=Counter(self._decode_decisions),
-            moves=self.router.stats.moves,
+            moves=sum(r.router.stats.moves for r in self.replicas),
             kv_bytes_moved=self._kv_bytes,
             sim_end_s=self.now,
             events=events,
@@ -330,14 +425,17 @@ class Simulator:
         )
 
     def _migration_totals(self) -> dict[str, int]:
-        planner = self.policy.migration
-        if planner is None:
+        totals: Counter[str] = Counter()
+        planners = [r.policy.migration for r in self.replicas if r.policy.migration is not None]
+        if not planners:
             return {}
-        s = planner.stats
-        return {
-            "planned": s.planned, "started": s.started, "finished": s.finished, "failed": s.failed,
-            "expired": s.expired, "bytes_moved": s.bytes_moved, "blocks_moved": s.blocks_moved,
-        }  # fmt: skip
+        for planner in planners:
+            s = planner.stats
+            totals.update({
+                "planned": s.planned, "started": s.started, "finished": s.finished, "failed": s.failed,
+                "expired": s.expired, "bytes_moved": s.bytes_moved, "blocks_moved": s.blocks_moved,
+            })  # fmt: skip
+        return {k: totals[k] for k in ("planned", "started", "finished", "failed", "expired", "bytes_moved", "blocks_moved")}
 
 
 def simulate(config: SimConfig, trace: PreparedTrace | None = None, progress: ProgressFn | None = None) -> SimResult:

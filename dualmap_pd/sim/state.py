@@ -14,6 +14,7 @@ class SimRequest:
     arrival: float
     prompt_tokens: int
     output_tokens: int
+    replica: int = 0  # the scheduler replica that routed it
     prefill_instance: str = ""  # where its prefill ran (after any rebalancing)
     decode_instance: str = ""  # disaggregated mode only
     hit_tokens: int = 0  # prompt tokens served from the prefix cache (known at prefill start)

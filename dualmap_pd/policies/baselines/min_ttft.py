@@ -37,6 +37,10 @@ Deviations, each deliberate:
   never makes an instance look worse than recomputing would.
 - No early rejection (HTTP 429): the router must place every request; SLO misses are measured.
 - Transfer time ignores sender congestion (the paper notes it is hard to predict).
+- Ties (equal estimates, e.g. every instance idle with no hit) go to a seeded random pick, as in
+  the DualMap authors' evaluation code, not to the first instance in view order (which sent
+  everything to one instance at low load). The authors' code seeds a fresh RNG on every call;
+  here it is seeded per (run seed, request), so ties spread over instances and runs repeat.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from dataclasses import dataclass
 
 from dualmap_pd.cluster import ClusterView, Role
 from dualmap_pd.policies.base import PREFILL_POLICIES, PolicyContext, PrefillPolicy
-from dualmap_pd.policies.baselines.common import TRANSFER_FROM, PrefillCache
+from dualmap_pd.policies.baselines.common import TRANSFER_FROM, PrefillCache, request_rng
 from dualmap_pd.request import Decision, NoInstanceError, RoutedRequest
 
 
@@ -98,6 +102,7 @@ class MinTTFTPolicy(PrefillPolicy):
         choice = None
         choice_hit = 0
         choice_moved = 0
+        ties: list[tuple[str, int, int]] = []  # others whose estimate equals best_t
         hit_of = hits.get
         for st in self._cache.get(view).eligible:  # runs per instance: fields read inline
             name = st.name
@@ -109,6 +114,9 @@ class MinTTFTPolicy(PrefillPolicy):
                 t = t_queue + miss_time  # the common case at scale: no hit, nothing to move
                 if t < best_t:
                     best_t, choice, choice_hit, choice_moved = t, name, 0, 0
+                    ties = []
+                elif t == best_t:
+                    ties.append((name, 0, 0))
                 continue
             scale = scales.get(name, 1.0) if scales else 1.0
             local = min(P, blocks * bs) if blocks else 0
@@ -125,10 +133,17 @@ class MinTTFTPolicy(PrefillPolicy):
                 t_x = scale * (t_queue + t_pref) + cost.transfer_time(cost.kv_bytes(gap))
                 if t_x < t:
                     t, moved = t_x, gap
-            if t < best_t:  # strict: ties go to the earliest instance in view order
+            if t < best_t:
                 best_t, choice, choice_hit, choice_moved = t, name, (best_tok if moved else local), moved
+                ties = []
+            elif t == best_t:
+                ties.append((name, best_tok if moved else local, moved))
         if choice is None:
             raise NoInstanceError("no healthy prefill instance")
+        if ties:  # a seeded random pick among the equal minima (see the module docstring)
+            ties.append((choice, choice_hit, choice_moved))
+            rng = request_rng(self.ctx.seed, "min-ttft-tie", req.request_id)
+            choice, choice_hit, choice_moved = ties[rng.randrange(len(ties))]
         scores = {choice: best_t}
         branch = "min_ttft"
         if choice_moved:
