@@ -153,3 +153,25 @@ def _replay(args: argparse.Namespace) -> int:
     from scheduler.replay.client import run_replay_from_args
 
     return run_replay_from_args(args)
+
+
+def register_emulate(subparsers: Any) -> argparse.ArgumentParser:
+    from scheduler.emulator.cluster import add_emulate_arguments  # argparse only
+
+    p = subparsers.add_parser(
+        "emulate",
+        help="run every instance of a cluster config as an emulated vLLM engine (no model)",
+        description="Start every prefill and decode instance of the config as an emulated vLLM "
+        "0.32 engine in this process (OpenAI API, /metrics, /tokenize, KV events, NixlConnector "
+        "kv_transfer_params), timed by a hardware profile: routers and the scheduler see a "
+        "cluster of any size without GPUs. See docs/emulator.md.",
+    )
+    add_emulate_arguments(p)
+    p.set_defaults(func=_emulate)
+    return p
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from scheduler.emulator.cluster import run_emulate
+
+    return run_emulate(args)

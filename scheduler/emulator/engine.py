@@ -92,7 +92,8 @@ class EngineRequest:
         return self.n_prompt + self.generated
 
 
-BlocksListener = Callable[[Sequence[int], list[int], list[int]], None]  # (prompt, stored, evicted)
+# (prompt, its block hashes, newly stored hashes, evicted hashes)
+BlocksListener = Callable[[Sequence[int], Sequence[int], list[int], list[int]], None]
 
 
 @dataclass
@@ -107,6 +108,7 @@ class EngineCounters:
     nixl_bytes: int = 0
     nixl_xfer_seconds: float = 0.0
     nixl_failed: int = 0
+    requests_finished: int = 0  # generated max_tokens (vLLM's finished_reason "length")
 
     def record_pull(self, nbytes: int, seconds: float) -> None:
         self.nixl_transfers += 1
@@ -260,6 +262,7 @@ class EngineCore:
             req.tokens.put_nowait(req.generated)
             if req.generated >= req.max_tokens:
                 self.decoding.remove(req)
+                self.counters.requests_finished += 1
         for req, take in chunks:
             if req.cancelled:
                 continue
@@ -274,8 +277,10 @@ class EngineCore:
             req.tokens.put_nowait(1)
             if req.max_tokens > 1:
                 self.decoding.append(req)
+            else:
+                self.counters.requests_finished += 1
 
     def _store(self, req: EngineRequest) -> None:
         stored, evicted = self.cache.insert(req.hashes)
         if self.on_blocks is not None and (stored or evicted):
-            self.on_blocks(req.prompt, stored, evicted)
+            self.on_blocks(req.prompt, req.hashes, stored, evicted)

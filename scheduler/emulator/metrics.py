@@ -68,6 +68,8 @@ _NIXL_HISTOGRAMS = {
                                [float(2 ** (10 + i)) for i in range(1, 25, 2)]),
 }
 LABELS = ["model_name", "engine"]
+# vllm:request_success is labelled by vLLM's FinishReason names (v1/engine/__init__.py).
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
 
 @dataclass
@@ -86,6 +88,7 @@ class EngineValues:
     generation_tokens: float = 0.0
     nixl_num_failed_transfers: float = 0.0
     nixl_num_kv_expired_reqs: float = 0.0
+    requests_finished: dict[str, float] = field(default_factory=dict)  # finish reason -> count
     nixl_xfer_time_seconds: list[float] = field(default_factory=list)
     nixl_post_time_seconds: list[float] = field(default_factory=list)
     nixl_bytes_transferred: list[float] = field(default_factory=list)
@@ -135,6 +138,11 @@ class VllmMetrics:
             c = Counter(name, doc, LABELS, registry=reg)
             for i, ev in enumerate(self.engines):
                 c.labels(self.model_name, str(i)).inc(getattr(ev, attr))
+        success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                          [*LABELS, "finished_reason"], registry=reg)  # fmt: skip
+        for i, ev in enumerate(self.engines):
+            for reason in FINISH_REASONS:
+                success.labels(self.model_name, str(i), reason).inc(ev.requests_finished.get(reason, 0.0))
         return generate_latest(reg).decode()
 
 

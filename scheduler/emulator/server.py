@@ -199,6 +199,7 @@ class EngineServer:
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             prompt_tokens=kv.prompt_tokens, generation_tokens=kv.generation_tokens,
             nixl_num_failed_transfers=kv.nixl_failed,
+            requests_finished={"length": float(kv.requests_finished)},
         )  # fmt: skip
         if kv.nixl_transfers:  # _sum and _count exact; the per-transfer split is the mean
             n = kv.nixl_transfers
