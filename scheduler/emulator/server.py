@@ -183,10 +183,10 @@ class EngineServer:
         return web.Response(status=200 if self.healthy else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"object": "list", "data": [{"id": self.config.model, "object": "model",
-                                         "max_model_len": self.config.max_model_len}]}
-        )  # fmt: skip
+        card = {"id": self.config.model, "object": "model", "created": int(time.time()),
+                "owned_by": "vllm", "root": self.config.model, "parent": None,
+                "max_model_len": self.config.max_model_len, "permission": []}  # vLLM's ModelCard
+        return web.json_response({"object": "list", "data": [card]})
 
     def metrics_text(self) -> str:
         """The /metrics body: vLLM 0.32's families from the engine's counters and gauges."""
