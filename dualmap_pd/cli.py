@@ -184,6 +184,7 @@ def format_summary(s: dict[str, Any]) -> str:
         + (f" + {s['decode_instances']} decode" if s["decode_instances"] else "")
         + f", {s['profile']}) at {s['offered_qps']:.3f} req/s",
         f"requests {s['requests']} (completed {s['completed']}, warm-up {s['warmup']}, measured {s['measured_requests']})",
+        *([s["workload"]["description"]] if s.get("workload") else []),
         f"TTFT ms  p50 {ms(s['ttft_p50'])}  p90 {ms(s['ttft_p90'])}  p99 {ms(s['ttft_p99'])}   "
         f"TPOT ms  p50 {ms(s['tpot_p50'])}  p90 {ms(s['tpot_p90'])}",
         f"SLO ({s['slo_ttft']:g} s) attainment {s['slo_attainment']:.1%}   cache hit {s['cache_hit_ratio']:.1%}   "

@@ -38,6 +38,7 @@ class HardwareProfile:
     prefix_cache_bytes: int  # per instance prefix-cache tier
     max_batch_tokens: int  # chunked-prefill token budget per engine step
     link: Link  # P->D and P->P transfer path
+    max_model_len: int = 20480  # longest prompt + output the engine serves
     notes: str = ""
 
     @property
@@ -66,7 +67,7 @@ PROFILES: dict[str, HardwareProfile] = {
         notes=(
             "DualMap's setting (DUALMAP.md): Qwen2.5-7B fp16 on one Ascend 910B4, 0.16 ms per "
             "uncached prefill token (the authors' constant), block 128, a 64 GB DRAM KV tier per "
-            "instance. Cached tokens cost their KV load from DRAM at ~25 GB/s (host link). "
+            "instance, max model len 20,480. Cached tokens cost their KV load from DRAM at ~25 GB/s (host link). "
             "Decode: ~15 GB of weights read per step from ~0.8 TB/s HBM -> ~20 ms, plus the KV of "
             "the context. Link: 200 Gb/s RoCE (25 GB/s), 20 us."
         ),
@@ -83,13 +84,14 @@ PROFILES: dict[str, HardwareProfile] = {
         prefix_cache_bytes=50 * 2**30,
         max_batch_tokens=8192,
         link=Link(bandwidth_bytes_per_s=50e9, latency_s=5e-6),
+        max_model_len=131072,
         notes=(
             "Llama-3.1-8B bf16 on one H100 SXM 80 GB. Prefill: 2 x 8.0e9 FLOP per token at 50% "
             "of the 989 TFLOP/s dense bf16 peak (NVIDIA H100 datasheet) -> 32 us/token; "
             "attention's quadratic term is ignored, as DualMap's estimator does. Decode: 16.1 GB "
             "of weights from 3.35 TB/s HBM3 -> 4.8 ms per step, plus 128 KiB of KV per context "
             "token. KV cache: 80 GB - 16 GB weights - activations ~= 50 GB of HBM for prefixes. "
-            "Link: 400 Gb/s InfiniBand NDR (50 GB/s), 5 us. vLLM on GPU uses 16-token blocks; the "
+            "Link: 400 Gb/s InfiniBand NDR (50 GB/s), 5 us. Max model len: the model's 128k context. vLLM on GPU uses 16-token blocks; the "
             "simulator keeps 128 because trace ids name 512-token blocks, so hits are the same "
             "except for a partial tail and simulation is 8x cheaper."
         ),

@@ -29,7 +29,7 @@ from dualmap_pd.sim.capacity import CapacityResult  # noqa: E402
 from dualmap_pd.sim.sweep import CapacityJob, run_capacity_jobs  # noqa: E402
 from dualmap_pd.trace import native_qps  # noqa: E402
 
-DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"
+DEFAULT_TRACE = REPO / "scripts" / "traces" / "synthetic_trace.jsonl"
 MODES = ("colocated", "disaggregated")
 
 

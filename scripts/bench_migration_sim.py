@@ -36,8 +36,8 @@ from dualmap_pd.sim.sweep import CapacityJob, run_capacity_jobs  # noqa: E402
 from dualmap_pd.trace import native_qps  # noqa: E402
 
 TRACES = (
-    REPO.parent / "shared" / "traces" / "hot_prefix_slice.jsonl",
-    REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl",
+    REPO / "scripts" / "traces" / "hot_prefix_slice.jsonl",
+    REPO / "scripts" / "traces" / "synthetic_trace.jsonl",
 )
 MIGRATE, PUBLISHED = "dualmap", "dualmap_nomigrate"
 ABLATION = "dualmap_spare_nomigrate"

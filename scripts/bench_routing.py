@@ -82,7 +82,7 @@ def bench(policy_name: str, n: int, records, block_size: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=str(REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"))
+    ap.add_argument("--trace", default=str(REPO / "scripts" / "traces" / "synthetic_trace.jsonl"))
     ap.add_argument("--instances", default="8,64,1024")
     ap.add_argument("--policies", default=",".join(PREFILL_POLICIES.names()))
     ap.add_argument("--requests", type=int, default=3993)

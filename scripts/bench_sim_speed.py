@@ -33,8 +33,9 @@ sys.path.insert(0, str(REPO))
 
 from dualmap_pd.sim import PreparedTrace, SimConfig, Simulator, tile_trace  # noqa: E402
 from dualmap_pd.trace import load_trace  # noqa: E402
+from dualmap_pd.workload_prep import WorkloadPrep  # noqa: E402
 
-DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"
+DEFAULT_TRACE = REPO / "scripts" / "traces" / "synthetic_trace.jsonl"
 
 
 def prepare(path: Path, requests: int, block_size: int, interleave: bool) -> tuple[PreparedTrace, int, float, float]:
@@ -98,6 +99,8 @@ def main() -> int:
                 prefill=instances,
                 decode=max(1, instances // 2),
                 rate_scale=rate_scale,
+                # Every request runs, as traced: the target is simulator speed on 12k requests.
+                workload=WorkloadPrep(paper_workload=False),
             )
             row = bench(f"{label}, {mode}, {args.policy}", cfg, trace, args.profile_top)
             rows.append({"run": label, "mode": mode, "policy": args.policy, "requests": n, "instances": instances,

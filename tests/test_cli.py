@@ -17,15 +17,13 @@ from dualmap_pd import cli
 from dualmap_pd.sim.dataclass_args import add_dataclass_arguments, dataclass_from_args
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTHETIC = REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"
+SYNTHETIC = REPO / "scripts" / "traces" / "synthetic_trace.jsonl"
 SIM_KEYS = {"requests", "ttft_p50", "ttft_p90", "ttft_p99", "slo_attainment", "cache_hit_ratio", "load_cv"}
 MORE_KEYS = {"tpot_p50", "tpot_p90", "kv_bytes_moved", "decisions", "completed"}
 
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not SYNTHETIC.is_file():
-        pytest.skip(f"{SYNTHETIC} not available")
     path = tmp_path_factory.mktemp("trace") / "small.jsonl"
     path.write_text("".join(SYNTHETIC.read_text().splitlines(keepends=True)[:150]))
     return path
@@ -41,8 +39,13 @@ def test_sim_json_is_exactly_one_object(trace: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # fails on anything but exactly one JSON document
     assert isinstance(out, dict) and SIM_KEYS | MORE_KEYS <= set(out)
-    assert out["requests"] == 150 and out["completed"] == 150 and out["warmup"] == 15
+    # The paper's preparation (default) drops prompts over max_model_len and says so.
+    assert out["dropped_oversized"] > 0 and out["requests"] + out["dropped_oversized"] == 150
+    assert out["completed"] == out["requests"] and out["warmup"] == out["requests"] // 10
+    assert out["workload"]["description"].startswith("paper workload:")
     assert out["decode_instances"] == 2 and out["kv_bytes_moved"] > 0
+    legacy = json.loads(run_cli("sim", "--trace", str(trace), "--no-paper-workload", "--json").stdout)
+    assert legacy["requests"] == 150 and legacy["warmup"] == 15 and legacy["dropped_oversized"] == 0
 
 
 _ALL_POLICIES_JSON = """

@@ -16,7 +16,7 @@ from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.trace import load_trace
 from tests.policy_helpers import make_ctx, make_request, make_view, snapshot
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[1] / "scripts" / "traces"
 COST = CostModel(get_profile("qwen7b-910b4"))
 TOKENS_PER_S = 6250  # 0.16 ms/token
 
@@ -222,9 +222,7 @@ def test_pinned_blocks_survive_eviction():
 
 @pytest.fixture(scope="module")
 def hot_trace() -> PreparedTrace:
-    path = SHARED / "hot_prefix_slice.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
+    path = TRACES / "hot_prefix_slice.jsonl"
     return PreparedTrace(load_trace(path)[:400], "hot[:400]")
 
 

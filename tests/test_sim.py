@@ -20,21 +20,20 @@ from dualmap_pd.sim.capacity import CapacityResult
 from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.sim.workload import default_warmup
 from dualmap_pd.trace import TraceRecord, load_trace
+from dualmap_pd.workload_prep import WorkloadPrep
 
-SYNTHETIC = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
+SYNTHETIC = Path(__file__).resolve().parents[1] / "scripts" / "traces" / "synthetic_trace.jsonl"
 PROFILE = PROFILES["qwen7b-910b4"]
 POLICIES = PREFILL_POLICIES.names()
 
 
 @pytest.fixture(scope="module")
 def small_trace() -> PreparedTrace:
-    if not SYNTHETIC.is_file():
-        pytest.skip(f"{SYNTHETIC} not available")
     return PreparedTrace(load_trace(SYNTHETIC)[:300], "synthetic[:300]")
 
 
-def run(trace: PreparedTrace, **overrides: object):
-    cfg = SimConfig(trace=trace.source, **overrides)  # type: ignore[arg-type]
+def run(trace: PreparedTrace, warmup: int | None = None, **overrides: object):
+    cfg = SimConfig(trace=trace.source, workload=WorkloadPrep(warmup_requests=warmup), **overrides)  # type: ignore[arg-type]
     return Simulator(cfg, trace).run()
 
 
@@ -116,8 +115,9 @@ def test_prefix_cache_never_over_capacity(capacity: int, prompts: list[list[int]
 def test_every_request_completes_exactly_once(small_trace: PreparedTrace, policy: str, mode: str) -> None:
     # 3x the trace's rate: queues build up, so late dispatch and rebalancing are exercised.
     res = run(small_trace, policy=policy, mode=mode, rate_scale=3.0, prefix_cache_gib=2.0)
-    assert len(res.requests) == len(small_trace)
-    assert [r.index for r in res.requests] == list(range(len(small_trace)))
+    kept = res.workload.records
+    assert len(res.requests) == len(kept) and len(kept) + res.workload.dropped_oversized == len(small_trace)
+    assert [r.index for r in res.requests] == list(range(len(kept)))
     for r in res.requests:
         assert r.completions == 1 and r.prefills_done == 1
         assert r.first_token_at >= r.arrival and r.finished_at >= r.first_token_at
@@ -125,8 +125,8 @@ def test_every_request_completes_exactly_once(small_trace: PreparedTrace, policy
         assert r.prefill_instance in res.prefill_names
         assert (r.decode_instance in res.decode_names) == (mode == "disaggregated" and r.output_tokens > 1)
     s = res.summary()
-    assert s["completed"] == len(small_trace) and s["requests"] == len(small_trace)
-    assert sum(v for k, v in s["decisions"].items() if k != "rebalanced") == len(small_trace)
+    assert s["completed"] == len(kept) and s["requests"] == len(kept)
+    assert sum(v for k, v in s["decisions"].items() if k != "rebalanced") == len(kept)
     assert s["moves"] == s["decisions"].get("rebalanced", 0)
 
 

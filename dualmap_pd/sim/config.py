@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from dualmap_pd.cost import PROFILES, HardwareProfile
+from dualmap_pd.workload_prep import WorkloadPrep
 
 # HBM left for KV on an engine (for ``kv_usage``, which decode policies read), by profile.
 # qwen7b-910b4: 32 GB - ~15.2 GB of fp16 weights - ~2 GB activations; llama8b-h100: the 50 GB
@@ -53,11 +54,9 @@ class SimConfig:
         "--requests applies",
         metavar="T",
     )
-    warmup: int | None = _opt(
-        None,
-        "exclude the first W requests from metrics (they still run)",
-        metavar="W",
-        default_doc="500 if the run has >= 2000 requests, else 10%",
+    workload: WorkloadPrep = field(
+        default_factory=WorkloadPrep,
+        metadata={"help": "workload preparation (its fields are options of their own)"},
     )
     seed: int = _opt(0, "seed of every random choice (policies' tie-breaks, decode sampling)")
     aggregate_decode: bool = _opt(
@@ -102,13 +101,21 @@ class SimConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.warmup is not None and self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        try:
+            self.workload.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
     @property
     def hardware(self) -> HardwareProfile:
         return PROFILES[self.profile]
+
+    @property
+    def max_model_len(self) -> int:
+        """The limit oversized requests are dropped at: --max-model-len, else the profile's."""
+        given = self.workload.max_model_len
+        return given if given is not None else self.hardware.max_model_len
 
     @property
     def decode_instances(self) -> int:

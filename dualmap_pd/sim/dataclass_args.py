@@ -3,6 +3,8 @@
 Every config field carries its help text in ``field(metadata={"help": ...})``, so the CLI, the
 benchmarks and the docs all describe an option in one place. Supported field types: ``int``,
 ``float``, ``str``, ``bool`` (``--x/--no-x``), ``Literal[...]`` (choices) and ``X | None`` of those.
+A field whose type is itself such a dataclass contributes its own fields as options (flat: one
+namespace of flags) and is rebuilt from them. ``metadata["aliases"]`` adds other flag spellings.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def add_dataclass_arguments(
         if f.name in exclude or not f.init:
             continue
         inner, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            add_dataclass_arguments(parser, inner, exclude, required)  # type: ignore[arg-type]
+            continue
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text(f)}
         if f.metadata.get("metavar"):
@@ -76,15 +81,21 @@ def add_dataclass_arguments(
         kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help strings
         if not has_default or f.name in required:
             kwargs["required"] = True
-        parser.add_argument(flag_name(f), **kwargs)
+        parser.add_argument(flag_name(f), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """Build ``cls`` from parsed arguments: given options win, absent ones keep the field's
     default, ``overrides`` win over both."""
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.init and hasattr(args, f.name):
+        if not f.init or f.name in overrides:
+            continue
+        inner, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            values[f.name] = dataclass_from_args(inner, args)  # type: ignore[arg-type]
+        elif hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     values.update(overrides)
     return cls(**values)

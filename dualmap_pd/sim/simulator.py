@@ -40,8 +40,9 @@ from dualmap_pd.sim.engine import Engine
 from dualmap_pd.sim.events import Arrival, Event, KVTransferDone, MigrationDone, StepDone
 from dualmap_pd.sim.prefix_cache import PrefixCache
 from dualmap_pd.sim.state import SimRequest
-from dualmap_pd.sim.workload import PreparedTrace, default_warmup, load_prepared
-from dualmap_pd.trace import ArrivalScaling, arrival_times
+from dualmap_pd.sim.workload import PreparedTrace, load_prepared
+from dualmap_pd.trace import ArrivalScaling
+from dualmap_pd.workload_prep import PreparedWorkload, prepare_workload
 
 # progress(completed, total, simulated time)
 ProgressFn = Callable[[int, int, float], None]
@@ -67,6 +68,7 @@ class SimResult:
     events: int = 0
     engine_steps: int = 0
     migrations: dict[str, int] = field(default_factory=dict)
+    workload: PreparedWorkload | None = None
 
     @property
     def measured(self) -> list[SimRequest]:
@@ -88,6 +90,9 @@ class SimResult:
             "completed": sum(1 for r in self.requests if r.completions == 1),
             "warmup": self.warmup,
         }
+        if self.workload is not None:
+            out["workload"] = self.workload.to_json()
+            out["dropped_oversized"] = self.workload.dropped_oversized
         out.update(summarize(self.measured, cfg.slo_ttft, self.prefill_names))
         out["kv_bytes_moved"] = self.kv_bytes_moved
         out["migrations"] = dict(self.migrations)
@@ -132,10 +137,11 @@ class Simulator:
         self.router = PrefillRouter(self.policy, self.view)
         self.decode_policy = None if self.colocated else DECODE_POLICIES.create(config.decode_policy, ctx)
         scaling = ArrivalScaling(rate_scale=config.rate_scale, qps=config.qps)
-        self.arrivals = arrival_times(trace.records, scaling)
+        self.workload = prepare_workload(trace.records, config.workload, scaling, config.max_model_len)
+        self.arrivals = self.workload.arrivals
         self.hashes = trace.block_hashes(profile.block_size)
-        n = len(trace)
-        self.warmup = min(n, config.warmup if config.warmup is not None else default_warmup(n))
+        n = len(self.workload.records)
+        self.warmup = self.workload.warmup
         self.requests: list[SimRequest | None] = [None] * n
         self._live: dict[str, SimRequest] = {}
         self._heap: list[tuple[float, int, Event]] = []
@@ -167,15 +173,16 @@ class Simulator:
 
     # -- event handlers ---------------------------------------------------------------------------
     def on_arrival(self, index: int, now: float) -> None:
-        rec = self.trace.records[index]
-        rid = f"r{index}"
+        rec = self.workload.records[index]
+        traced = self.workload.indices[index]  # its index in the trace (hashes, routing key)
+        rid = f"r{traced}"
         routed = RoutedRequest(
             request_id=rid,
             prompt_tokens=rec.input_length,
-            block_hashes=self.hashes[index],
+            block_hashes=self.hashes[traced],
             block_size=self.view.block_size,
             arrival=now,
-            fallback_key=self.trace.fallback_key(index),
+            fallback_key=self.trace.fallback_key(traced),
             expected_output_tokens=rec.output_length,
         )
         req = SimRequest(index, routed, now, rec.input_length, rec.output_length)
@@ -311,12 +318,12 @@ class Simulator:
                 f"{len(bad)} requests did not complete exactly once, {len(self._live)} still live, "
                 f"{len(self.router)} still in the router (first: {first})"
             )
-        qps_span = self.arrivals[-1] - self.arrivals[0] if len(self.arrivals) > 1 else 0.0
         return SimResult(
             config=self.config,
             requests=reqs,
             warmup=self.warmup,
-            offered_qps=(len(reqs) - 1) / qps_span if qps_span > 0 else float(len(reqs)),
+            offered_qps=self.workload.measured_qps,
+            workload=self.workload,
             prefill_names=self.prefill_names,
             decode_names=self.decode_names,
             decisions=Counter(self.router.stats.decisions),

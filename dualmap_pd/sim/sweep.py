@@ -34,6 +34,9 @@ def run_capacity_job(job: CapacityJob, trace: PreparedTrace | None = None) -> Ca
     if trace is None:
         trace = load_prepared(cfg.trace, cfg.requests, cfg.tile)
     start = job.search.qps_start or native_qps(trace.records)
+    if job.verbose:
+        described = Simulator(cfg.with_(qps=start), trace).workload.description
+        print(f"capacity {job.key}: {described}", file=sys.stderr, flush=True)
 
     def run_at(qps: float) -> dict:
         began = time.monotonic()

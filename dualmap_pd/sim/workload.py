@@ -1,4 +1,5 @@
-"""Simulation workloads: a trace with its engine block hashes computed once, tiling, warm-up.
+"""Simulation workloads: a trace with its engine block hashes computed once, tiling. Which
+requests run and when (oversize drop, warm-up, arrival times) is ``dualmap_pd.workload_prep``.
 
 Block hashes are the expensive part of preparing a trace (one xxh3 per 128-token block, ~120 per
 request on the synthetic trace). ``PreparedTrace`` computes them once per block size and shares
@@ -18,23 +19,13 @@ import xxhash
 
 from dualmap_pd.hashing import ROOT_SEED
 from dualmap_pd.trace import TRACE_BLOCK_TOKENS, TraceRecord, load_trace
+from dualmap_pd.workload_prep import default_warmup
+
+__all__ = ["PreparedTrace", "default_warmup", "load_prepared", "tile_trace"]
 
 _MASK64 = (1 << 64) - 1
 # Seed of short prompts' routing keys: keeps them apart from block-hash chains (ROOT_SEED).
 _SHORT_PROMPT_SEED = 0x73686F7274  # "short"
-
-# Warm-up: the paper excludes the first 500 requests. We keep that whenever the run has at least
-# this many requests (so warm-up is at most a quarter of it); shorter runs exclude 10%.
-PAPER_WARMUP = 500
-PAPER_WARMUP_MIN_REQUESTS = 2000
-
-
-def default_warmup(n_requests: int) -> int:
-    """Requests excluded from metrics when ``--warmup`` is not given (see module constants)."""
-    if n_requests >= PAPER_WARMUP_MIN_REQUESTS:
-        return PAPER_WARMUP
-    return n_requests // 10
-
 
 def tile_trace(records: Sequence[TraceRecord], times: int, interleave: bool = False) -> list[TraceRecord]:
     """The trace repeated ``times`` times, as one larger trace.
