@@ -20,6 +20,7 @@ import asyncio
 import logging
 import signal
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +54,42 @@ class WordTokenizer:
         return "\n".join(parts) + ("\nassistant:" if options.add_generation_prompt else "")
 
 
+class RecentTokenizations:
+    """A tokenizer that remembers its last ``size`` encodings. One request's text is tokenized
+    by its prefill engine, its decode engine and often a router's /tokenize or /render call
+    first: all in this process, so the emulator pays for it once (a 7k-token prompt costs ~25 ms
+    to encode, the budget of two cores at a few requests/s)."""
+
+    def __init__(self, inner: PromptTokenizer, size: int = 512) -> None:
+        self.inner = inner
+        self.size = size
+        self._recent: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.vocab_size
+
+    def encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        key = (text, add_special_tokens)
+        ids = self._recent.get(key)
+        if ids is None:
+            ids = self._recent[key] = self.inner.encode_text(text, add_special_tokens)
+            if len(self._recent) > self.size:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(key)
+        return list(ids)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], options: ChatOptions) -> str:
+        return self.inner.render_chat(messages, options)
+
+
 def load_engine_tokenizer(model_dir: Path) -> PromptTokenizer:
     """The model's own tokenizer when the directory has one, else ``WordTokenizer``."""
     if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
         from scheduler.dispatch.tokenization import HFPromptTokenizer  # transformers: heavy
 
-        return HFPromptTokenizer(model_dir)
+        return RecentTokenizations(HFPromptTokenizer(model_dir))
     logger.warning("no tokenizer in %s: one token per word", model_dir)
     return WordTokenizer()
 
