@@ -23,6 +23,7 @@ from scheduler.emulator.engine import EngineCore, EngineRequest, ScaledClock
 from scheduler.intake.engine_metrics import EngineMetricsPoller
 from scheduler.intake.kv_events import KVEventSubscriber
 from dualmap_pd.cluster import ClusterView
+from tests.service_harness import eventually
 
 BS = 16
 
@@ -173,7 +174,7 @@ def test_the_schedulers_kv_event_intake_sees_exactly_what_the_emulated_engine_ho
                 engine = emu.instances[i.name].server.engine
                 held = set(engine.cache.blocks())
                 assert len(held) == 12  # full: evictions happened
-                assert await _eventually(lambda: view[i.name].cached_blocks == held), i.name
+                assert await eventually(lambda: view[i.name].cached_blocks == held, timeout=5.0), i.name
             assert emu.instances["decode-0"].server.kv.nixl_transfers == 8
             for s in subs:
                 await s.stop()
@@ -209,15 +210,6 @@ def test_the_schedulers_metrics_poller_reads_the_emulated_engines(tmp_path: Path
             assert snap.num_requests_running == 0 and snap.kv_cache_usage == 0
 
     asyncio.run(asyncio.wait_for(body(), 60))
-
-
-async def _eventually(check: Any, timeout: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def test_block_hashes_are_the_schedulers() -> None:
