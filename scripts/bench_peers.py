@@ -136,6 +136,7 @@ class Bench:
             "tpot_p50": s["tpot_p50"], "prefix_hit_rate": view.prefix_hit_rate,
             "prefill_request_cv": view.request_cv, "throughput_rps": s["throughput_rps"],
             "send_lag_p99": s["send_lag_p99"], "measured": s["requests"], "warmup": s["warmup"],
+            "offered_qps": (s["workload"] or {}).get("measured_qps"), "duration_s": s["duration_s"],
             "workload": (s["workload"] or {}).get("description"),
             "ttfts": sorted(t for _, t in s["results"] if t is not None),
         }  # fmt: skip
