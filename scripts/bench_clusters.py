@@ -179,7 +179,8 @@ def scheduler_process(config: Path, raw: dict[str, Any], policy: str, profile: s
 
 def replay(url: str, trace: Path, *, requests: int, tokens_per_trace_block: int,
            rate_scale: float | None, max_model_len: int, seed: int = 0, warmup_qps: float = 0.0,
-           max_output_tokens: int = 16, timeout_s: float = 600.0) -> dict[str, Any]:  # fmt: skip
+           max_output_tokens: int = 16, timeout_s: float = 600.0,
+           model: str | None = None) -> dict[str, Any]:  # fmt: skip
     """One replay through ``url`` with the paper's workload preparation (warm-up at
     ``warmup_qps``, 0: at the target rate); returns the summary dict."""
     from dualmap_pd.workload_prep import WorkloadPrep
@@ -189,10 +190,11 @@ def replay(url: str, trace: Path, *, requests: int, tokens_per_trace_block: int,
                          tokens_per_trace_block=tokens_per_trace_block,
                          workload=WorkloadPrep(max_model_len=max_model_len, warmup_qps=warmup_qps),
                          max_output_tokens=max_output_tokens, seed=seed, timeout_s=timeout_s,
-                         ignore_eos=True)  # fmt: skip
+                         ignore_eos=True, model=model)  # fmt: skip
     report = asyncio.run(run(opts))
     out = report.summary()
     out["results"] = [(r.index, r.ttft_s) for r in report.results if r.index >= report.warmup]
+    out["errors"] = sorted({r.error[:160] for r in report.results if r.error})[:3]  # a sample
     return out
 
 

@@ -126,12 +126,14 @@ class Bench:
                 s = bc.replay(url, self.args.trace, requests=self.args.requests,
                               tokens_per_trace_block=self.args.tokens_per_trace_block,
                               rate_scale=self.args.rate_scale, max_model_len=self.raw["max_model_len"],
-                              seed=seed, max_output_tokens=self.args.max_output_tokens)  # fmt: skip
+                              seed=seed, max_output_tokens=self.args.max_output_tokens,
+                              model=self.raw["served_model_name"])  # fmt: skip
                 view = bc.engine_view(self.raw)
         if before is not None:
             view = view.since(before)
         return {
             "completed": s["completed"], "failed": s["failed"], "failures_by_kind": s["failures_by_kind"],
+            "errors": s["errors"],
             "ttft_p50": s["ttft_p50"], "ttft_p90": s["ttft_p90"], "ttft_p99": s["ttft_p99"],
             "tpot_p50": s["tpot_p50"], "prefix_hit_rate": view.prefix_hit_rate,
             "prefill_request_cv": view.request_cv, "throughput_rps": s["throughput_rps"],
@@ -177,7 +179,8 @@ def run_all(bench: Bench, labels: list[str]) -> dict[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def _peer_router(cmd: list[str], url: str, log: Path, label: str) -> Iterator[str]:
-    with bc.background(cmd, log, ready=[url + "/health"], timeout=90, what=label):
+    # /v1/models, not /health: smg answers /health before its workers are registered.
+    with bc.background(cmd, log, ready=[url + "/v1/models"], timeout=90, what=label):
         yield url
 
 
