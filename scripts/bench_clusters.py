@@ -205,6 +205,7 @@ class EngineView:
     hits: float
     queries: float
     prefill_requests: dict[str, float]
+    decode_pulls: float = 0.0  # NIXL transfers the decode engines made (0: no P/D handoff)
 
     @property
     def prefix_hit_rate(self) -> float | None:
@@ -220,23 +221,27 @@ class EngineView:
     def since(self, before: EngineView) -> EngineView:
         """This run only, for engines that were not restarted since ``before``."""
         per = {k: v - before.prefill_requests.get(k, 0.0) for k, v in self.prefill_requests.items()}
-        return EngineView(self.hits - before.hits, self.queries - before.queries, per)
+        return EngineView(self.hits - before.hits, self.queries - before.queries, per,
+                          self.decode_pulls - before.decode_pulls)  # fmt: skip
 
 
 def engine_view(raw: dict[str, Any]) -> EngineView:
-    """Scrape every prefill engine's /metrics: prefix-cache tokens, requests finished."""
+    """Scrape the engines' /metrics: prefill prefix-cache tokens and requests, decode pulls."""
     from scheduler.intake.engine_metrics import parse_samples
 
     wanted = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
               "vllm:request_success_total")  # fmt: skip
-    hits = queries = 0.0
+    hits = queries = pulls = 0.0
     per: dict[str, float] = {}
-    for inst in raw["prefill"]:
+    for inst in raw["prefill"] + raw["decode"]:
         status, body = _get(f"http://{inst['host']}:{inst['port']}/metrics", timeout=10)
         if status != 200:
             raise RuntimeError(f"{inst['name']}: /metrics answered {status}")
-        samples = parse_samples(body.decode(), wanted)
+        samples = parse_samples(body.decode(), (*wanted, "vllm:nixl_xfer_time_seconds_count"))
+        if inst in raw["decode"]:
+            pulls += sum(v for _, v in samples.get("vllm:nixl_xfer_time_seconds_count", []))
+            continue
         hits += sum(v for _, v in samples.get(wanted[0], []))
         queries += sum(v for _, v in samples.get(wanted[1], []))
         per[inst["name"]] = sum(v for _, v in samples.get(wanted[2], []))
-    return EngineView(hits, queries, per)
+    return EngineView(hits, queries, per, pulls)
