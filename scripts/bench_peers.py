@@ -155,7 +155,8 @@ def run_all(bench: Bench, labels: list[str]) -> dict[str, dict[str, Any]]:
         try:
             if system == "dualmap-pd":
                 router = bc.scheduler_process(bench.config, bench.raw, policy, args.profile,
-                                              bench.log(label, "router"))  # fmt: skip
+                                              bench.log(label, "router"),
+                                              ("--slo-ttft", str(args.slo_ttft)))  # fmt: skip
             else:
                 peer = PEERS[system]
                 if system not in binaries:
@@ -240,6 +241,8 @@ def main() -> int:
     ap.add_argument("--rate-scale", type=float, default=1.0,
                     help="speed up the trace's arrivals (1: its own rate, ~6.7 req/s on the hot-prefix slice)")
     ap.add_argument("--max-output-tokens", type=int, default=16)
+    ap.add_argument("--slo-ttft", type=float, default=5.0,
+                    help="dualmap-pd's TTFT SLO (SLO-aware policies switch candidates at half of it)")
     ap.add_argument("--routers", help="comma-separated labels or systems to run (default: all)")
     ap.add_argument("--peer-venvs", type=Path, default=bc.REPO / "runs" / "peers")
     ap.add_argument("--out", type=Path, default=bc.REPO / "results" / "bench_peers")
