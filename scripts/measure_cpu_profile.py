@@ -11,7 +11,8 @@ times requests sent straight to one engine, one at a time:
   the step cost and its growth per context token;
 * link: a P/D request (prefill with ``do_remote_decode``, then the decode engine pulls the KV over
   NIXL) at 512 and 2,048 tokens; the decode's time to first token minus one decode step is the
-  transfer, fitted to latency + bytes / bandwidth.
+  transfer (median of 5, after one warm-up transfer that pays NIXL's handshake), fitted to
+  latency + bytes / bandwidth.
 
     PYTHONPATH=. .venv/bin/python scripts/measure_cpu_profile.py [--json]
 """
@@ -92,16 +93,17 @@ def measure(raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     step_per_ctx = max(0.0, (gaps[3000] - gaps[128]) / (3000 - 128))
     step_base = max(1e-4, gaps[128] - 128 * step_per_ctx)
 
-    pulls, sizes = [], []
-    for n in (512, 2048):
-        for _ in range(3):
-            ids = prompt(n)
-            _, answer = prefill(p0, ids, kv_transfer_params={"do_remote_decode": True})
-            ttft, _ = _stream_gaps(d0 + "/v1/completions", {"model": model, "prompt": ids, "max_tokens": 2,
-                                                            "temperature": 0, "ignore_eos": True,
-                                                            "kv_transfer_params": answer["kv_transfer_params"]})  # fmt: skip
-            sizes.append(n * KV_BYTES_PER_TOKEN)
-            pulls.append(max(1e-4, ttft - gaps[128]))
+    def pull(n: int) -> float:
+        ids = prompt(n)
+        _, answer = prefill(p0, ids, kv_transfer_params={"do_remote_decode": True})
+        ttft, _ = _stream_gaps(d0 + "/v1/completions", {"model": model, "prompt": ids, "max_tokens": 2,
+                                                        "temperature": 0, "ignore_eos": True,
+                                                        "kv_transfer_params": answer["kv_transfer_params"]})  # fmt: skip
+        return max(1e-4, ttft - gaps[128])
+
+    pull(128)  # the first transfer pays NIXL's handshake (~0.4 s here): not a per-transfer cost
+    sizes = [n * KV_BYTES_PER_TOKEN for n in (512, 2048)]
+    pulls = [statistics.median(pull(n) for _ in range(5)) for n in (512, 2048)]
     s_per_byte, latency = np.polyfit(sizes, pulls, 1)
     return {
         "prefill_s_per_token": float(per_token), "prefill_overhead_s": float(max(0.0, overhead)),
