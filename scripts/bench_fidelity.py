@@ -32,8 +32,9 @@ import bench_clusters as bc  # noqa: E402
 from dualmap_pd.cost import HardwareProfile, Link, get_profile, with_overrides  # noqa: E402
 from dualmap_pd.sim.config import SimConfig  # noqa: E402
 from dualmap_pd.sim.simulator import simulate  # noqa: E402
-from dualmap_pd.trace import TRACE_BLOCK_TOKENS  # noqa: E402
+from dualmap_pd.trace import TRACE_BLOCK_TOKENS, load_trace  # noqa: E402
 from dualmap_pd.workload_prep import WorkloadPrep  # noqa: E402
+from scheduler.replay.prompts import PromptScaling  # noqa: E402
 
 REAL_PORTS, EMULATED_PORTS = 8850, 9100
 PROFILE = "cpu-tiny"
@@ -65,11 +66,26 @@ class _TraceTokenSim(SimConfig):
         return self.scaled or super().hardware
 
 
-def simulated(args: argparse.Namespace, policy: str) -> dict[str, Any]:
+def sim_trace(args: argparse.Namespace, max_model_len: int) -> Path:
+    """The slice as the replay sends it, for the simulator: the requests the replay keeps (mapped
+    prompt + capped output within ``max_model_len``), outputs capped like its ``max_tokens``."""
+    scaling = PromptScaling(args.tokens_per_trace_block / TRACE_BLOCK_TOKENS)
+    out = args.out / "sim_trace.jsonl"
+    with out.open("w") as fh:
+        for r in load_trace(args.trace, limit=args.requests):
+            output = max(1, min(r.output_length, args.max_output_tokens))
+            if scaling.prompt_tokens(r) + output <= max_model_len:
+                fh.write(json.dumps({"timestamp": r.timestamp, "input_length": r.input_length,
+                                     "output_length": output, "hash_ids": r.hash_ids}) + "\n")  # fmt: skip
+    return out
+
+
+def simulated(args: argparse.Namespace, policy: str, trace: Path) -> dict[str, Any]:
     profile = in_trace_tokens(get_profile(PROFILE), args.tokens_per_trace_block)
-    cfg = _TraceTokenSim(trace=str(args.trace), policy=policy, mode="disaggregated", prefill=2, decode=1,
-                         rate_scale=args.rate_scale, profile=PROFILE, requests=args.requests,
-                         workload=WorkloadPrep(warmup_qps=0.0, max_model_len=profile.max_model_len),
+    # Drops were decided in sim_trace(); the simulator keeps every line of it.
+    cfg = _TraceTokenSim(trace=str(trace), policy=policy, mode="disaggregated", prefill=2, decode=1,
+                         rate_scale=args.rate_scale, profile=PROFILE,
+                         workload=WorkloadPrep(warmup_qps=0.0, drop_oversized=False),
                          kv_capacity_gib=1.0, scaled=profile)  # fmt: skip
     s = simulate(cfg).summary()
     return {"ttft_p50": s["ttft_p50"], "ttft_p90": s["ttft_p90"], "prefix_hit_rate": s["cache_hit_ratio"],
@@ -92,9 +108,10 @@ def live(args: argparse.Namespace, raw: dict[str, Any], config: Path, policy: st
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     policies = args.policies.split(",")
     out: dict[str, dict[str, Any]] = {p: {} for p in policies}
-    for p in policies:
-        out[p]["simulated"] = simulated(args, p)
     common = {"run_dir": args.out / "run", "block_size": 128, "max_model_len": 4096}
+    trace = sim_trace(args, common["max_model_len"])
+    for p in policies:
+        out[p]["simulated"] = simulated(args, p, trace)
     emu_raw = bc.cluster_dict(2, 1, EMULATED_PORTS, **common)
     emu_cfg = bc.write_config(emu_raw, args.out / "emulated.yaml")
     for i, p in enumerate(policies):

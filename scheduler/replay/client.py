@@ -147,8 +147,7 @@ class _Replayer:
         if self.synthesizer is None:
             raise RuntimeError("payload() before the workload is prepared")
         body: dict[str, Any] = {
-            # A trace line may say 0 output tokens; servers reject max_tokens 0.
-            "max_tokens": max(1, min(record.output_length, opts.max_output_tokens)),
+            "max_tokens": _max_tokens(record, opts),
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -261,6 +260,11 @@ class _Replayer:
             progress.failed += result.failure is not None
 
 
+def _max_tokens(record: TraceRecord, options: ReplayOptions) -> int:
+    # A trace line may say 0 output tokens; servers reject max_tokens 0.
+    return max(1, min(record.output_length, options.max_output_tokens))
+
+
 @dataclass(frozen=True)
 class PreparedReplay:
     """What runs: the records (as in the trace), their arrival times and how prompts map."""
@@ -290,8 +294,9 @@ def prepare_replay(options: ReplayOptions, max_model_len: int | None = None) -> 
         if options.workload is None:
             return PreparedReplay(records, arrival_times(records, scaling), time_scale,
                                   prompt_scaling.scale)  # fmt: skip
-        # Oversized is judged on the prompt as sent (mapped to engine tokens), never rescaled.
-        as_sent = [TraceRecord(r.timestamp, prompt_scaling.prompt_tokens(r), r.output_length,
+        # Oversized is judged on the request as sent (prompt mapped to engine tokens, max_tokens
+        # capped), never rescaled.
+        as_sent = [TraceRecord(r.timestamp, prompt_scaling.prompt_tokens(r), _max_tokens(r, options),
                                r.hash_ids) for r in records]  # fmt: skip
         limit = options.workload.max_model_len or max_model_len
         prepared = prepare_workload(as_sent, options.workload, scaling, limit)
