@@ -112,12 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     trace = sim_trace(args, common["max_model_len"])
     for p in policies:
         out[p]["simulated"] = simulated(args, p, trace)
-    emu_raw = bc.cluster_dict(2, 1, EMULATED_PORTS, **common)
-    emu_cfg = bc.write_config(emu_raw, args.out / "emulated.yaml")
-    for i, p in enumerate(policies):
-        with bc.emulated_cluster(emu_cfg, emu_raw, PROFILE, args.out / "logs" / f"emu-{p}.log"):
-            out[p]["emulated"] = live(args, emu_raw, emu_cfg, p, 1000 + i, args.out / "logs" / f"emu-serve-{p}.log")
-        print(f"emulated {p}: {out[p]['emulated']}", file=sys.stderr, flush=True)
+    # The real cluster first: the machine-wide lock is easier to get now than later.
     if not args.no_real:
         real_raw = bc.cluster_dict(2, 1, REAL_PORTS, pin=True, **common)
         real_cfg = bc.write_config(real_raw, args.out / "real.yaml")
@@ -125,6 +120,12 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             for i, p in enumerate(policies):
                 out[p]["real"] = live(args, real_raw, real_cfg, p, 2000 + i, args.out / "logs" / f"real-serve-{p}.log")
                 print(f"real {p}: {out[p]['real']}", file=sys.stderr, flush=True)
+    emu_raw = bc.cluster_dict(2, 1, EMULATED_PORTS, **common)
+    emu_cfg = bc.write_config(emu_raw, args.out / "emulated.yaml")
+    for i, p in enumerate(policies):
+        with bc.emulated_cluster(emu_cfg, emu_raw, PROFILE, args.out / "logs" / f"emu-{p}.log"):
+            out[p]["emulated"] = live(args, emu_raw, emu_cfg, p, 1000 + i, args.out / "logs" / f"emu-serve-{p}.log")
+        print(f"emulated {p}: {out[p]['emulated']}", file=sys.stderr, flush=True)
     return out
 
 
