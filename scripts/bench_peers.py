@@ -248,6 +248,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=bc.REPO / "results" / "bench_peers")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args()
+    bc.exit_on_sigterm()
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.config:

@@ -122,6 +122,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    bc.exit_on_sigterm()
     raw = bc.cluster_dict(2, 1, PORT_BASE, run_dir=args.out / "run", block_size=128, max_model_len=4096,
                           pin=True)  # fmt: skip
     config = bc.write_config(raw, args.out / "cluster.yaml")
