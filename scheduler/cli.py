@@ -8,6 +8,8 @@ happen inside the handlers so ``dualmap-pd --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 
@@ -47,6 +49,8 @@ def register_launch(subparsers: Any) -> argparse.ArgumentParser:
                      help="leave a server down once it died N times within --death-window (default 5)")
     sup.add_argument("--death-window", type=float, default=600.0, metavar="S",
                      help="seconds over which deaths are counted (default 600)")
+    sup.add_argument("--restart-backoff", type=float, default=1.0, metavar="S",
+                     help="seconds before the first restart; doubles per death in the window (default 1)")
     scale = p.add_argument_group(
         "scale-out", "start one extra instance that is not in the config (instead of the config's "
         "servers) and optionally register it with a running scheduler (docs/membership.md)")
@@ -73,7 +77,8 @@ def _launch(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
         policy = None if args.no_restart else RestartPolicy(
-            max_deaths=args.max_deaths, window_s=args.death_window, start_timeout_s=args.timeout)
+            max_deaths=args.max_deaths, window_s=args.death_window, start_timeout_s=args.timeout,
+            backoff_s=args.restart_backoff, max_backoff_s=max(30.0, args.restart_backoff))
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}")
         return 2
@@ -141,25 +146,35 @@ def _build_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports ``module`` only when the subcommand runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
+
+
+def _subcommand(subparsers: Any, name: str, help: str, description: str,
+                add_arguments: Callable[[argparse.ArgumentParser], None],
+                run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:  # fmt: skip
+    p = subparsers.add_parser(name, help=help, description=description)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
 def register_serve(subparsers: Any) -> argparse.ArgumentParser:
     from scheduler.serve import add_serve_arguments  # argparse only; the service loads on run
 
-    p = subparsers.add_parser(
-        "serve",
+    return _subcommand(
+        subparsers, "serve",
         help="run the OpenAI-compatible P/D scheduler for a cluster config",
         description="Serve /v1/completions and /v1/chat/completions: DualMap (or --policy) picks "
         "the prefill instance, the decode policy the decode instance, and the KV moves P->D "
         "through vLLM's NixlConnector. Also /v1/models, /health and /metrics.",
-    )
-    add_serve_arguments(p)
-    p.set_defaults(func=_serve)
-    return p
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from scheduler.serve import run_serve
-
-    return run_serve(args)
+        add_arguments=add_serve_arguments, run=_lazy("scheduler.serve", "run_serve"),
+    )  # fmt: skip
 
 
 def register_replay(subparsers: Any) -> argparse.ArgumentParser:
@@ -167,18 +182,25 @@ def register_replay(subparsers: Any) -> argparse.ArgumentParser:
     # only when a plugin command is invoked, never for the built-in ones.
     from scheduler.replay.client import add_replay_arguments
 
-    p = subparsers.add_parser(
-        "replay",
+    return _subcommand(
+        subparsers, "replay",
         help="replay a Mooncake trace against an OpenAI-compatible endpoint",
         description="Open-loop replay of a Mooncake trace (streamed requests; TTFT, TPOT, "
         "failures by kind) against the scheduler or any OpenAI-compatible server.",
-    )
-    add_replay_arguments(p)
-    p.set_defaults(func=_replay)
-    return p
+        add_arguments=add_replay_arguments,
+        run=_lazy("scheduler.replay.client", "run_replay_from_args"),
+    )  # fmt: skip
 
 
-def _replay(args: argparse.Namespace) -> int:
-    from scheduler.replay.client import run_replay_from_args
+def register_emulate(subparsers: Any) -> argparse.ArgumentParser:
+    from scheduler.emulator.cluster import add_emulate_arguments  # argparse only
 
-    return run_replay_from_args(args)
+    return _subcommand(
+        subparsers, "emulate",
+        help="run every instance of a cluster config as an emulated vLLM engine (no model)",
+        description="Start every prefill and decode instance of the config as an emulated vLLM "
+        "0.32 engine in this process (OpenAI API, /metrics, /tokenize, KV events, NixlConnector "
+        "kv_transfer_params), timed by a hardware profile: routers and the scheduler see a "
+        "cluster of any size without GPUs. See docs/emulator.md.",
+        add_arguments=add_emulate_arguments, run=_lazy("scheduler.emulator.cluster", "run_emulate"),
+    )  # fmt: skip

@@ -2,7 +2,7 @@
 
 (a) ``throughput`` (default): requests/s and latency of ``dualmap-pd serve`` (1 and 2 worker
     processes by default, ``--workers``) against instant stub
-    prefill/decode servers (tests/fakes/openai_server.py). Three processes: the stubs, the
+    prefill/decode servers (scheduler/emulator/server.py, fixed-delay mode). Three processes: the stubs, the
     scheduler (pinned to its own core), and a closed-loop load generator (raw HTTP/1.1 keep-alive,
     so the client costs far less than the server it measures).
 (b) ``added-latency --config cluster.yaml``: the latency the scheduler adds over calling the real
@@ -60,9 +60,9 @@ def prompts(n: int, words: int, groups: int, seed: int) -> list[str]:
 
 
 async def _run_stubs(n_prefill: int, n_decode: int, model: str) -> None:
-    from tests.fakes.openai_server import FakeOpenAIServer, FakeServerConfig
+    from scheduler.emulator.server import EngineServer, ServerConfig
 
-    servers = [await FakeOpenAIServer(FakeServerConfig(model=model)).start()
+    servers = [await EngineServer(ServerConfig(model=model)).start()
                for _ in range(n_prefill + n_decode)]  # fmt: skip
     print(json.dumps([s.port for s in servers]), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until parent closes

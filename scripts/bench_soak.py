@@ -1,7 +1,7 @@
 """Soak benchmark: sustained mixed load on the scheduler against stub engines; watches for leaks.
 
 Three processes: stub prefill/decode engines (``bench_overhead.py _stubs``, i.e.
-tests/fakes/openai_server.py), a load generator (this script's ``_load``), and the scheduler,
+scheduler/emulator/server.py), a load generator (this script's ``_load``), and the scheduler,
 which runs *in this process* so its event loop can be inspected. Every ``--interval`` seconds it
 samples the scheduler process's RSS, open file descriptors and asyncio task count; after the load
 stops it idles ``--settle`` seconds (idle upstream connections expire after 4 s) and samples once

@@ -254,3 +254,32 @@ def test_cli_json_output_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--url" in capsys.readouterr().err
     assert main(["--trace", str(trace), "--url", "http://h:1", "--endpoint", "chat",
                  "--prompt-format", "tokens"]) == 2
+
+
+def test_tokens_per_trace_block_keeps_blocks_whole_and_drops_what_no_longer_fits(tmp_path: Path) -> None:
+    from dualmap_pd.workload_prep import WorkloadPrep
+
+    rows = [{"timestamp": 100 * i, "input_length": 512 * n, "output_length": 4,
+             "hash_ids": [7, *range(10 * i, 10 * i + n - 1)]}
+            for i, n in enumerate((2, 3, 40, 2, 30, 3, 2, 2, 2, 2))]  # fmt: skip
+    trace = write_trace(tmp_path / "t.jsonl", rows)
+
+    async def run() -> tuple:
+        async with FakeOpenAIServer(FakeServerConfig()) as server:
+            options = ReplayOptions(trace=trace, url=server.url, tokens_per_trace_block=128,
+                                    workload=WorkloadPrep(max_model_len=1000, warmup_requests=2,
+                                                          warmup_qps=0.0), rate_scale=100)  # fmt: skip
+            return await replay(options), server.requests
+
+    report, received = asyncio.run(run())
+    s = report.summary()
+    # 40 and 30 trace blocks = 5,120 and 3,840 tokens > 1,000: dropped and counted, not rescaled.
+    assert s["workload"]["dropped_oversized"] == 2 and s["workload"]["kept"] == 8
+    assert len(received) == 8 and s["warmup"] == 2 and s["requests"] == 6
+    lengths = sorted({len(body["prompt"].split(" ")) for body in received})
+    assert lengths == [256, 384]  # each trace block is exactly 128 words (one 128-token block)
+    first = [body["prompt"].split(" ")[:128] for body in received]
+    assert all(block == first[0] for block in first)  # the shared first id: the same block
+    with pytest.raises(ReplayInputError, match="exclude each other"):
+        asyncio.run(replay(ReplayOptions(trace=trace, url="http://127.0.0.1:1", tokens_per_trace_block=128,
+                                         max_prompt_tokens=100)))  # fmt: skip

@@ -295,13 +295,16 @@ def test_launch_no_restart_stops_everything_when_one_server_dies(tmp_path: Path)
 def test_launch_retries_a_restart_whose_port_is_still_taken(tmp_path: Path) -> None:
     import socket
 
-    proc, status_path, log = _launch(tmp_path)
+    # The backoff leaves the squatter below time to take the port first, however busy the box.
+    proc, status_path, log = _launch(tmp_path, "--restart-backoff", "4")
     try:
         assert _wait(lambda: status_path.is_file() or proc.poll() is not None), log.read_text()
         entry = _status(status_path)["decode-0"]
         port = int(str(entry["url"]).rsplit(":", 1)[1])
         os.kill(int(entry["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
         squatter = socket.socket()
+        # As servers do: connections the killed server left in TIME_WAIT must not block the bind.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:  # someone takes its port before the restart
             assert _wait(lambda: squatter.bind(("127.0.0.1", port)) is None, 5.0)
             squatter.listen()

