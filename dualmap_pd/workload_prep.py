@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dualmap_pd.options import option
-from dualmap_pd.trace import ArrivalScaling, TraceRecord, arrival_times, native_qps
+from dualmap_pd.trace import ArrivalScaling, TraceRecord, arrival_times
 
 PAPER_MAX_MODEL_LEN = 20480
 PAPER_WARMUP = 500

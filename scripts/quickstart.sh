@@ -60,8 +60,11 @@ done
 curl -sf "$URL/health" >/dev/null || { echo "scheduler not healthy" >&2; cat "$RUN_LOGS/serve.log" >&2; exit 1; }
 
 echo "==> replaying $REQUESTS requests of $TRACE through the scheduler" >&2
+# Each 512-token trace block becomes one 128-token engine block, so prompts that share trace
+# blocks share engine blocks (the trace's reuse survives); prompts that no longer fit the
+# model's max_model_len are dropped and counted, never rescaled.
 dualmap-pd replay --trace "$TRACE" --url "$URL" --requests "$REQUESTS" --rate-scale "$RATE_SCALE" \
-  --max-prompt-tokens 2000 --max-output-tokens 16 | tee "$RUN_LOGS/replay.txt"
+  --tokens-per-trace-block 128 --max-output-tokens 16 | tee "$RUN_LOGS/replay.txt"
 
 echo
 echo "Routing decisions (scheduler /metrics):"

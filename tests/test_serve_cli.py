@@ -50,6 +50,20 @@ def write_config(tmp: Path, prefill_url_ports: list[int], decode_port: int) -> P
     return path
 
 
+def start_serve(path: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    """``python -m scheduler.serve`` on a free port with no intake; returns it and its port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.serve", "--config", str(path), "--port", str(port),
+         "--no-kv-events", "--no-engine-metrics", *extra],
+        env={**(os.environ if env is None else env), "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return proc, port
+
+
 def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     path = write_config(tmp_path, [8001], 8002)
@@ -61,14 +75,7 @@ def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_serve_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     with serve_in_thread(FakeServerConfig()) as prefill, serve_in_thread(FakeServerConfig()) as decode:
         path = write_config(tmp_path, [prefill.port], decode.port)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.serve", "--config", str(path), "--port", str(port),
-             "--no-kv-events", "--no-engine-metrics"],
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        proc, port = start_serve(path)
         try:
             assert "http://127.0.0.1:" in proc.stdout.readline()  # type: ignore[union-attr]
             body = json.dumps({"model": "fake-model", "prompt": "hello world", "max_tokens": 3}).encode()
@@ -93,15 +100,8 @@ def test_serve_requires_the_api_keys_named_in_the_config(tmp_path: Path) -> None
         raw["scheduler"]["api_keys_file"] = "keys.txt"  # relative to the config file
         path.write_text(yaml.safe_dump(raw))
         (tmp_path / "keys.txt").write_text(f"# clients\n{key}\n")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if k != "DUALMAP_API_KEYS"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.serve", "--config", str(path), "--port", str(port),
-             "--no-kv-events", "--no-engine-metrics"],
-            env={**env, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        proc, port = start_serve(path, env=env)
         try:
             assert "http://127.0.0.1:" in proc.stdout.readline()  # type: ignore[union-attr]
             body = json.dumps({"model": "fake-model", "prompt": "hello world", "max_tokens": 3}).encode()

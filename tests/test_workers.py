@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +14,7 @@ import pytest
 
 from scheduler.workers import RestartPolicy, WorkerPool
 from tests.fakes.openai_server import FakeServerConfig, serve_in_thread
-from tests.test_serve_cli import REPO_ROOT, write_config
+from tests.test_serve_cli import start_serve, write_config
 
 
 class FakeProcesses:
@@ -30,6 +27,7 @@ class FakeProcesses:
         self.killed: list[tuple[int, int]] = []
         self.now = 0.0
         self.slept: list[float] = []
+        self.stop_when_done: WorkerPool | None = None
 
     def fork(self) -> int:
         self.next_pid += 1
@@ -37,6 +35,8 @@ class FakeProcesses:
         return self.next_pid
 
     def wait(self) -> tuple[int, int]:
+        if not self.deaths and self.stop_when_done is not None:
+            self.stop_when_done.stop()  # like SIGTERM once the scripted deaths have run out
         if not self.deaths:
             raise ChildProcessError
         pid, code = self.deaths.pop(0)
@@ -62,15 +62,7 @@ def test_a_dead_worker_is_restarted_with_backoff_and_the_others_keep_running() -
     fake = FakeProcesses()
     p = pool(fake, backoff_s=0.5)
     fake.deaths = [(101, 1), (103, 1)]  # worker 0 dies, then its replacement dies too
-    # after those two deaths nothing else happens until we stop
-    original_wait = fake.wait
-
-    def wait() -> tuple[int, int]:
-        if not fake.deaths:
-            p.stop()
-        return original_wait()
-
-    p._wait = wait
+    fake.stop_when_done = p  # after those two deaths nothing else happens until we stop
     assert p.run() == 0
     assert p.restarts == 2 and fake.slept == [0.5, 1.0]  # doubling backoff
     assert {pid for pid, _ in fake.killed} == {102, 104}  # the survivor and the last restart
@@ -88,14 +80,7 @@ def test_deaths_outside_the_window_are_forgotten() -> None:
     fake = FakeProcesses()
     p = pool(fake, count=1, max_deaths=2, window_s=10.0, backoff_s=20.0, max_backoff_s=20.0)
     fake.deaths = [(101, 1), (102, 1), (103, 1)]  # 20 s apart: never two inside 10 s
-    original_wait = fake.wait
-
-    def wait() -> tuple[int, int]:
-        if not fake.deaths:
-            p.stop()
-        return original_wait()
-
-    p._wait = wait
+    fake.stop_when_done = p
     assert p.run() == 0 and p.restarts == 3
 
 
@@ -115,15 +100,7 @@ def _post(port: int) -> tuple[int, str]:
 def test_two_workers_share_the_port_survive_a_kill_and_stop_together(tmp_path: Path) -> None:
     with serve_in_thread(FakeServerConfig()) as prefill, serve_in_thread(FakeServerConfig()) as decode:
         path = write_config(tmp_path, [prefill.port], decode.port)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.serve", "--config", str(path), "--port", str(port),
-             "--workers", "2", "--no-kv-events", "--no-engine-metrics"],
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        proc, port = start_serve(path, "--workers", "2")
         try:
             assert "2 workers on port" in proc.stdout.readline()  # type: ignore[union-attr]
             ready = [proc.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]

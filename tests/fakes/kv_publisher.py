@@ -27,7 +27,7 @@ from scheduler.emulator.kv_events import (  # noqa: F401 - re-exported for the t
     KVEventEncoder,
     wire_structs,
 )
-from scheduler.emulator.kv_events import KVEventPublisher as FakeKVPublisher
+from scheduler.emulator.kv_events import KVEventPublisher as FakeKVPublisher  # noqa: F401
 
 
 @dataclass
