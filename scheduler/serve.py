@@ -146,9 +146,10 @@ def _serve_process(cfg: ClusterConfig, options: SchedulerOptions, api_keys: ApiK
     who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
 
     def ready(port: int) -> None:
-        print(f"dualmap-pd serve: {options.prefill_policy} over {len(cfg.prefill)} prefill + "
-              f"{len(cfg.decode)} decode instances on http://{cfg.scheduler.host}:{port}{who}",
-              flush=True)  # fmt: skip
+        # One write per line: workers share stdout, and print() writes the newline separately.
+        sys.stdout.write(f"dualmap-pd serve: {options.prefill_policy} over {len(cfg.prefill)} prefill + "
+                         f"{len(cfg.decode)} decode instances on http://{cfg.scheduler.host}:{port}{who}\n")
+        sys.stdout.flush()
 
     async def main() -> None:
         task = asyncio.current_task()

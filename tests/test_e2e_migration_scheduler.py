@@ -192,7 +192,15 @@ def test_source_dying_mid_copy_fails_the_migration_and_every_request_is_served(r
     failed_before = rig.call(lambda: sum(runner.metrics.failed.values.values()))
     finished_before = rig.call(lambda: sum(runner.metrics.finished.values.values()))
     try:
-        holder, served, prompts = hot_burst(rig, prefix, n=8, seed=prompts_seed)
+        # Whether a burst makes the planner start a copy depends on prefill times calibrated
+        # online on a busy 2-core box; what this test is about is the copy whose source dies,
+        # so a burst that started none is repeated with a fresh prefix (at most three).
+        for attempt in range(3):
+            if attempt:
+                prefix = tokens(1408, 21 + attempt)
+            holder, served, prompts = hot_burst(rig, prefix, n=8, seed=prompts_seed + 50 * attempt)
+            if killed:
+                break
     finally:
         rig.call(lambda: setattr(runner, "migrator", real))
     assert killed == [holder], (rig.call(lambda: planner.stats), rig.call(lambda: dict(rig.scheduler.router.stats.decisions)))
