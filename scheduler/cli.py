@@ -172,7 +172,8 @@ def register_serve(subparsers: Any) -> argparse.ArgumentParser:
         help="run the OpenAI-compatible P/D scheduler for a cluster config",
         description="Serve /v1/completions and /v1/chat/completions: DualMap (or --policy) picks "
         "the prefill instance, the decode policy the decode instance, and the KV moves P->D "
-        "through vLLM's NixlConnector. Also /v1/models, /health and /metrics.",
+        "through vLLM's NixlConnector. Also /v1/models, /v1/models/{model}, /health and /metrics; "
+        "--workers N runs N such processes on one port.",
         add_arguments=add_serve_arguments, run=_lazy("scheduler.serve", "run_serve"),
     )  # fmt: skip
 
